@@ -1,0 +1,5 @@
+"""OpenAI-compatible inference: /v1/models, /v1/completions, /v1/chat/completions over the shared sampler."""
+
+from treadle.api.openai.backend import OpenAIBackend
+
+__all__ = ["OpenAIBackend"]
