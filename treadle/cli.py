@@ -1,0 +1,107 @@
+"""The `treadle` command: serve, chat, prepare, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from treadle.server import ServerConfig, serve
+
+    cfg = ServerConfig.from_cli(args)
+    serve(cfg)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from treadle.engine.engine import Engine
+
+    engine = Engine(args.model, dtype=args.dtype, device=args.device)
+    try:
+        print(engine.chat([{"role": "user", "content": args.prompt}], max_tokens=args.max_tokens))
+    finally:
+        engine.close()
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from treadle.models.loader import resolve_model_dir
+
+    path = resolve_model_dir(args.model)
+    print(f"{args.model} is ready at {path}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from treadle.bench import run_benchmark
+
+    return run_benchmark(args.which, model=args.model, out=args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="treadle", description="Open, self-hosted post-training (Tinker + OpenAI APIs)."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve the Tinker protocol and the OpenAI API over HTTP")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--data-dir", default=None, help="runs, checkpoints and the metadata DB (default: user cache)"
+    )
+    s.add_argument(
+        "--db-url", default=None, help="SQLAlchemy URL of the metadata DB (default: SQLite in data dir)"
+    )
+    s.add_argument("--model", action="append", default=None, help="base model name or path (repeatable)")
+    s.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable)")
+    s.add_argument("--api-keys-file", default=None, help="file of 'key owner' lines")
+    s.add_argument(
+        "--deterministic", action="store_true", help="batch-invariant kernels: bitwise reproducible"
+    )
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument(
+        "--session-timeout", type=float, default=None, help="seconds without heartbeat before expiry"
+    )
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("chat", help="answer one chat prompt in-process (greedy)")
+    c.add_argument("prompt")
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=_chat)
+
+    r = sub.add_parser("prepare", help="convert/locate a model once (the embedded default by default)")
+    r.add_argument("--model", default=DEFAULT_MODEL)
+    r.set_defaults(func=_prepare)
+
+    b = sub.add_parser(
+        "bench", help="benchmarks: each prints a table and writes JSON, as ratios to a baseline"
+    )
+    b.add_argument("which", choices=["train", "sample", "api", "determinism"])
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--out", default="bench-results", help="directory for the JSON results")
+    b.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from treadle.errors import TreadleError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TreadleError as e:
+        print(f"treadle: error: {e.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

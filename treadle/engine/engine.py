@@ -1,0 +1,172 @@
+"""Engine: one base model on one device — adapters, training ops and the sampler behind one thread-safe facade.
+
+The HTTP service calls it from a worker thread; it is equally usable in-process from Python:
+
+    engine = Engine("HuggingFaceTB/SmolLM2-135M-Instruct")
+    engine.create_adapter("a", LoraConfig(rank=8))
+    engine.forward_backward([ForwardBackwardRequest("a", data, "cross_entropy")])
+    engine.optim_step("a", AdamParams(learning_rate=1e-4))
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Any
+
+from treadle import ops
+from treadle.engine import trainer
+from treadle.engine.sampler import Sampler
+from treadle.engine.types import (
+    AdamParams,
+    ForwardBackwardRequest,
+    ForwardBackwardResult,
+    LoraConfig,
+    SampleRequest,
+    SampleResult,
+)
+from treadle.errors import NotFoundError, TreadleError
+from treadle.lora import AdapterBank
+from treadle.models.loader import LoadedModel, load_model
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    model_name: str
+    tokenizer_dir: str
+    arch: str
+    max_context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+
+def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    ids = set(loaded.config.eos_token_id)
+    tok: Any = loaded.tokenizer
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    return tuple(sorted(ids))
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        deterministic: bool = False,
+        max_lora_rank: int = 128,
+        max_batch_size: int = 64,
+    ) -> None:
+        # The numerics mode is process-wide: a server runs in one mode (treadle serve --deterministic).
+        ops.set_mode("batch_invariant" if deterministic else "fast")
+        self.deterministic = deterministic
+        self.loaded = load_model(model, dtype=dtype, device=device)
+        self.name = model
+        self.model = self.loaded.model
+        self.tokenizer: Any = self.loaded.tokenizer
+        cfg = self.loaded.config
+        self.info = EngineInfo(
+            model_name=model,
+            tokenizer_dir=str(self.loaded.path),
+            arch=cfg.family,
+            max_context_length=self.loaded.max_context_length,
+            vocab_size=cfg.vocab_size,
+            eos_token_ids=_eos_ids(self.loaded),
+        )
+        self.bank = AdapterBank(self.model, max_rank=max_lora_rank)
+        # One lock serialises every use of the model's compute: training ops and each sampler step.
+        self._lock = threading.RLock()
+        self.sampler = Sampler(
+            self.model,
+            self.bank.hook,
+            eos_token_ids=self.info.eos_token_ids,
+            max_context_length=self.info.max_context_length,
+            decode=lambda ids: self.tokenizer.decode(ids),
+            max_batch_size=max_batch_size,
+            lock=self._lock,  # type: ignore[arg-type]
+        )
+
+    # adapters -----------------------------------------------------------------------------------
+    def create_adapter(self, adapter_id: str, cfg: LoraConfig) -> None:
+        with self._lock:
+            self.bank.create(adapter_id, cfg)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        with self._lock:
+            self.bank.remove(adapter_id)
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        return adapter_id in self.bank
+
+    def adapter_config(self, adapter_id: str) -> LoraConfig:
+        return self.bank.config(adapter_id)
+
+    def snapshot_adapter(self, src_id: str, dst_id: str) -> None:
+        with self._lock:
+            self.bank.copy(src_id, dst_id)
+
+    def save_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> None:
+        with self._lock:
+            self.bank.save(adapter_id, Path(directory), optimizer=optimizer, base_model=self.name)
+
+    def load_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> LoraConfig:
+        if not Path(directory).is_dir():
+            raise NotFoundError(f"path: no checkpoint directory at {directory}", field="path")
+        with self._lock:
+            return self.bank.load(adapter_id, Path(directory), optimizer=optimizer)
+
+    # training -----------------------------------------------------------------------------------
+    def forward_backward(
+        self, requests: list[ForwardBackwardRequest]
+    ) -> list[ForwardBackwardResult | TreadleError]:
+        with self._lock:
+            return trainer.forward_backward(
+                self.model,
+                self.bank,
+                requests,
+                vocab_size=self.info.vocab_size,
+                max_len=self.info.max_context_length,
+            )
+
+    def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
+        params.validate()
+        with self._lock:
+            return self.bank.optim_step(adapter_id, params)
+
+    # sampling -----------------------------------------------------------------------------------
+    def sample(self, req: SampleRequest) -> concurrent.futures.Future[SampleResult]:
+        if req.adapter_id is not None and req.adapter_id not in self.bank:
+            raise NotFoundError(f"model: no adapter {req.adapter_id!r} is loaded", field="model")
+        return self.sampler.submit(req)
+
+    def generate(self, req: SampleRequest) -> SampleResult:
+        return self.sample(req).result()
+
+    def chat(
+        self, messages: list[dict[str, str]], *, max_tokens: int = 64, adapter_id: str | None = None
+    ) -> str:
+        """Greedy chat reply rendered with the model's own template (a convenience for demos and tests)."""
+        from treadle.engine.types import SamplingParams
+
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(prompt, list):
+            prompt = list(prompt["input_ids"])
+        res = self.generate(
+            SampleRequest(
+                adapter_id, [int(t) for t in prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0)
+            )
+        )
+        return self.tokenizer.decode(res.sequences[0].tokens, skip_special_tokens=True)
+
+    def close(self) -> None:
+        self.sampler.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

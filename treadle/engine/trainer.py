@@ -1,0 +1,143 @@
+"""forward / forward_backward on mixed-adapter batches: one model pass per micro-batch, each row through its
+own adapter, each datum's loss computed separately and summed (Tinker protocol §5.4: sum-reduced), gradients
+accumulating in each adapter's tensors until its optim_step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from treadle.engine import losses
+from treadle.engine.types import Datum, ForwardBackwardRequest, ForwardBackwardResult
+from treadle.errors import NotFoundError, TreadleError, UserError
+from treadle.lora import AdapterBank
+from treadle.models import CausalLM
+
+# Rows are packed into micro-batches of at most this many padded tokens so logits (T × vocab, fp32) stay small.
+DEFAULT_MICROBATCH_TOKENS = 4096
+
+
+@dataclasses.dataclass
+class _Row:
+    request: int
+    datum: Datum
+    adapter_id: str | None
+
+
+def validate_request(req: ForwardBackwardRequest, bank: AdapterBank, vocab_size: int, max_len: int) -> None:
+    """Every check that can fail before the model runs (Invariant 6: bad input costs nothing else)."""
+    if req.adapter_id is not None and req.adapter_id not in bank:
+        raise NotFoundError(f"model_id: no adapter {req.adapter_id!r} is loaded", field="model_id")
+    if req.adapter_id is None and not req.forward_only:
+        raise UserError(
+            "model_id: forward_backward needs a LoRA adapter (the base model is frozen)", field="model_id"
+        )
+    if not req.data:
+        raise UserError("data: must contain at least one datum", field="data")
+    for i, d in enumerate(req.data):
+        n = int(d.tokens.numel())
+        if n == 0:
+            raise UserError(f"data[{i}].model_input: must contain at least one token", field="model_input")
+        if n > max_len:
+            raise UserError(
+                f"data[{i}].model_input: {n} tokens exceed the model's context length {max_len}",
+                field="model_input",
+            )
+        lo, hi = int(d.tokens.min()), int(d.tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise UserError(
+                f"data[{i}].model_input: token ids must be in 0..{vocab_size - 1}, got {lo if lo < 0 else hi}",
+                field="model_input",
+            )
+        try:
+            losses.validate(req.loss_fn, d.loss_fn_inputs, req.loss_fn_config, n, vocab_size)
+        except UserError as e:
+            raise UserError(f"data[{i}]: {e.message}", field=e.field) from None
+
+
+def _microbatches(rows: list[_Row], budget: int) -> list[list[_Row]]:
+    """Group rows (longest first) so that rows × max_len ≤ budget; a row longer than the budget goes alone."""
+    order = sorted(rows, key=lambda r: -int(r.datum.tokens.numel()))
+    out: list[list[_Row]] = []
+    cur: list[_Row] = []
+    for r in order:
+        n = int(r.datum.tokens.numel())
+        width = max([n] + [int(c.datum.tokens.numel()) for c in cur])
+        if cur and width * (len(cur) + 1) > budget:
+            out.append(cur)
+            cur = []
+        cur.append(r)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _target_logprobs(logprobs_T_V: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if targets.dim() == 1:
+        return logprobs_T_V.gather(-1, targets[:, None]).squeeze(-1)
+    return logprobs_T_V.gather(-1, targets)  # (N, K) top-K distillation targets
+
+
+def forward_backward(
+    model: CausalLM,
+    bank: AdapterBank,
+    requests: list[ForwardBackwardRequest],
+    *,
+    vocab_size: int,
+    max_len: int,
+    microbatch_tokens: int = DEFAULT_MICROBATCH_TOKENS,
+) -> list[ForwardBackwardResult | TreadleError]:
+    results: list[ForwardBackwardResult | TreadleError | None] = [None] * len(requests)
+    rows: list[_Row] = []
+    for i, req in enumerate(requests):
+        try:
+            validate_request(req, bank, vocab_size, max_len)
+        except TreadleError as e:
+            results[i] = e
+            continue
+        rows.extend(_Row(i, d, req.adapter_id) for d in req.data)
+
+    outputs: dict[int, dict[int, tuple[torch.Tensor, losses.LossOutput]]] = {}
+    datum_index = {id(d): j for req in requests for j, d in enumerate(req.data)}
+    device = next(model.parameters()).device
+    for mb in _microbatches(rows, microbatch_tokens):
+        train = any(not requests[r.request].forward_only for r in mb)
+        T = max(int(r.datum.tokens.numel()) for r in mb)
+        tokens_B_T = torch.zeros(len(mb), T, dtype=torch.long, device=device)
+        for b, r in enumerate(mb):
+            tokens_B_T[b, : r.datum.tokens.numel()] = r.datum.tokens.to(device)
+        hook = bank.hook([r.adapter_id for r in mb])
+        with torch.set_grad_enabled(train):
+            hidden = model(tokens_B_T, lora=hook)
+            logprobs_B_T_V = model.logprobs(hidden, hook)
+            total: torch.Tensor | None = None
+            for b, r in enumerate(mb):
+                req = requests[r.request]
+                n = int(r.datum.tokens.numel())
+                inputs = {k: v.to(device) for k, v in r.datum.loss_fn_inputs.items()}
+                targets = inputs["target_tokens"].long()
+                lp = _target_logprobs(logprobs_B_T_V[b, :n], targets)
+                out = losses.compute(req.loss_fn, lp, inputs, req.loss_fn_config)
+                outputs.setdefault(r.request, {})[datum_index[id(r.datum)]] = (lp.detach(), out)
+                if not req.forward_only:
+                    total = out.loss if total is None else total + out.loss
+            if total is not None and total.requires_grad:
+                total.backward()
+
+    for i, req in enumerate(requests):
+        if results[i] is not None:
+            continue
+        per = outputs[i]
+        outs = [per[j][1] for j in range(len(req.data))]
+        results[i] = ForwardBackwardResult(
+            loss_fn_outputs=[
+                {
+                    "logprobs": per[j][0].float().cpu(),
+                    "elementwise_loss": outs[j].elementwise_loss.detach().float().cpu(),
+                }
+                for j in range(len(req.data))
+            ],
+            metrics=losses.merge_metrics(outs),
+        )
+    return [r for r in results if r is not None]
