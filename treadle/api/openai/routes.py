@@ -1,0 +1,248 @@
+"""The OpenAI-compatible endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
+
+Thin: authenticate → validate → resolve the model → generate through the engine's shared sampler → encode.
+Every error leaves as OpenAI's `{"error": {...}}` shape so the official client raises the right exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from treadle.api.openai.backend import OpenAIBackend
+from treadle.api.openai.chat import end_of_turn_ids, parse_tool_calls, render_chat
+from treadle.api.openai.generation import Choice, GenerationSpec, generate
+from treadle.api.openai.responses import (
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    tool_calls_json,
+    usage,
+)
+from treadle.api.openai.schemas import ChatCompletionRequest, CompletionRequest, parse_request
+from treadle.api.openai.streaming import chat_chunks, completion_chunks, sse_response
+from treadle.errors import NotFoundError, TreadleError, UserError
+
+if TYPE_CHECKING:
+    from treadle.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+async def _guarded(handler: Callable[[], Awaitable[Response]]) -> Response:
+    try:
+        return await handler()
+    except TreadleError as e:
+        return JSONResponse(error_body(e), status_code=e.status_code)
+    except Exception as e:  # a bug must still reach the client in OpenAI's shape, not as a bare 500 page
+        log.exception("openai api: unexpected error")
+        err = TreadleError(f"internal error: {type(e).__name__}: {e}")
+        return JSONResponse(error_body(err), status_code=500)
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError("body: must be valid JSON", field="body") from None
+
+
+def _resolve(backend: OpenAIBackend, model: str, owner: str) -> tuple[Engine, str | None]:
+    try:
+        return backend.resolve(model, owner)
+    except NotFoundError as e:
+        served = ", ".join(backend.served_models(owner)) or "none"
+        raise NotFoundError(
+            f"model: {e.message}. Served models: {served}; a trained adapter is addressed by its "
+            "tinker://…/sampler_weights/… or …/weights/… path",
+            field="model",
+        ) from None
+
+
+def _head(prefix: str, obj: str, model: str) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": model}
+
+
+def _stop_ids(engine: Engine, *, chat: bool) -> list[int]:
+    ids = end_of_turn_ids(engine.tokenizer) if chat else []
+    return ids + [t for t in engine.info.eos_token_ids if t not in ids]
+
+
+async def chat_completions(backend: OpenAIBackend, request: Request) -> Response:
+    owner = backend.authenticate(request.headers.get("authorization"))
+    req = parse_request(ChatCompletionRequest, await _json_body(request))
+    if req.top_logprobs and not req.logprobs:
+        raise UserError("top_logprobs: requires logprobs: true", field="top_logprobs")
+    engine, adapter_id = _resolve(backend, req.model, owner)
+    # tool_choice "none" means the model must answer in prose: don't offer the tools at all.
+    tools = req.tools if req.tool_choice != "none" else None
+    spec = GenerationSpec(
+        prompt=render_chat(engine.tokenizer, req.messages, tools),
+        prompt_field="messages",
+        max_tokens=req.token_limit(),
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        n=req.n,
+        stop_strings=req.stop_strings(),
+        stop_token_ids=_stop_ids(engine, chat=True),
+        top_logprobs=req.top_logprobs or 0,
+    )
+    choices = await generate(engine, adapter_id, spec)
+    names = {t.function.name for t in tools or []}
+    calls = [parse_tool_calls(c.text, names) for c in choices]
+    if not req.parallel_tool_calls:
+        calls = [(content, found[:1]) for content, found in calls]
+    head = _head("chatcmpl", "chat.completion", req.model)
+    use = usage(len(spec.prompt), choices)
+    if req.stream:
+        head["object"] = "chat.completion.chunk"
+        want_usage = req.stream_options is not None and req.stream_options.include_usage
+        return sse_response(
+            chat_chunks(
+                head,
+                engine.tokenizer,
+                choices,
+                calls,
+                logprobs=req.logprobs,
+                usage=use if want_usage else None,
+            )
+        )
+    body = {
+        **head,
+        "choices": [_chat_choice(engine, i, c, calls[i], req.logprobs) for i, c in enumerate(choices)],
+        "usage": use,
+    }
+    return JSONResponse(body)
+
+
+def _chat_choice(engine: Engine, i: int, c: Choice, call: tuple[str | None, list[Any]], logprobs: bool):
+    content, found = call
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if found:
+        message["tool_calls"] = tool_calls_json(found)
+    return {
+        "index": i,
+        "message": message,
+        "logprobs": chat_logprobs(engine.tokenizer, c) if logprobs else None,
+        "finish_reason": "tool_calls" if found else c.finish_reason,
+    }
+
+
+def _completion_prompts(
+    prompt: str | list[str] | list[int] | list[list[int]], tokenizer: Any
+) -> list[list[int]]:
+    """OpenAI's four prompt shapes (text, texts, token ids, lists of token ids) → token-id prompts."""
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise UserError("prompt: must not be empty", field="prompt")
+    out: list[list[int]] = []
+    for k, item in enumerate(items):
+        ids = list(tokenizer.encode(item)) if isinstance(item, str) else list(item)
+        if not ids:
+            raise UserError(f"prompt[{k}]: must not be empty", field="prompt")
+        out.append(ids)
+    return out
+
+
+async def completions(backend: OpenAIBackend, request: Request) -> Response:
+    owner = backend.authenticate(request.headers.get("authorization"))
+    req = parse_request(CompletionRequest, await _json_body(request))
+    engine, adapter_id = _resolve(backend, req.model, owner)
+    vocab = engine.info.vocab_size
+    prompts = _completion_prompts(req.prompt, engine.tokenizer)
+    for ids in prompts:
+        if any(not 0 <= t < vocab for t in ids):
+            raise UserError(f"prompt: token ids must be in 0..{vocab - 1}", field="prompt")
+    specs = [
+        GenerationSpec(
+            prompt=ids,
+            prompt_field="prompt",
+            max_tokens=req.max_tokens if req.max_tokens is not None else 16,  # OpenAI's completions default
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            n=req.n,
+            stop_strings=req.stop_strings(),
+            stop_token_ids=_stop_ids(engine, chat=False),
+            top_logprobs=req.logprobs or 0,
+        )
+        for ids in prompts
+    ]
+    # All prompts go to the sampler at once so they are decoded in the same continuous batch.
+    per_prompt = await asyncio.gather(*(generate(engine, adapter_id, s) for s in specs))
+    choices = [c for cs in per_prompt for c in cs]
+    head = _head("cmpl", "text_completion", req.model)
+    use = usage(sum(len(p) for p in prompts), choices)
+    want_lp = req.logprobs is not None
+    if req.stream:
+        want_usage = req.stream_options is not None and req.stream_options.include_usage
+        return sse_response(
+            completion_chunks(
+                head, engine.tokenizer, choices, logprobs=want_lp, usage=use if want_usage else None
+            )
+        )
+    body = {
+        **head,
+        "choices": [
+            {
+                "index": i,
+                "text": c.text,
+                "logprobs": completion_logprobs(engine.tokenizer, c) if want_lp else None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(choices)
+        ],
+        "usage": use,
+    }
+    return JSONResponse(body)
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "treadle"}
+
+
+def make_router(backend: OpenAIBackend) -> APIRouter:
+    """The `/v1` router; mount it on the same app as the Tinker API (`app.include_router(make_router(b))`)."""
+    router = APIRouter(prefix="/v1", tags=["openai"])
+
+    @router.get("/models")
+    async def list_models(request: Request) -> Response:
+        async def handler() -> Response:
+            owner = backend.authenticate(request.headers.get("authorization"))
+            data = [_model_card(m) for m in backend.served_models(owner)]
+            return JSONResponse({"object": "list", "data": data})
+
+        return await _guarded(handler)
+
+    @router.get("/models/{model:path}")
+    async def retrieve_model(model: str, request: Request) -> Response:
+        async def handler() -> Response:
+            owner = backend.authenticate(request.headers.get("authorization"))
+            _resolve(backend, model, owner)
+            return JSONResponse(_model_card(model))
+
+        return await _guarded(handler)
+
+    @router.post("/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await _guarded(lambda: chat_completions(backend, request))
+
+    @router.post("/completions")
+    async def complete(request: Request) -> Response:
+        return await _guarded(lambda: completions(backend, request))
+
+    return router
