@@ -39,9 +39,8 @@ class LossOutput:
     metrics: dict[str, float]  # per-datum, every key "name:reduction"; merged across datums by merge_metrics
 
 
-_LossFn = Callable[
-    [torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], tuple[torch.Tensor, dict[str, float]]
-]
+_Out = tuple[torch.Tensor, dict[str, float]]  # (elementwise loss with grad, extra metrics)
+_LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], _Out]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,24 +54,26 @@ class _Spec:
 # ---------------------------------------------------------------------------------------------------- the losses
 
 
-def _cross_entropy(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], _: Mapping[str, float]):
+def _cross_entropy(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], _: Mapping[str, float]) -> _Out:
     w = inputs["weights"].to(lp.dtype) if "weights" in inputs else torch.ones_like(lp)
     # where, not a plain product: a zero-weight entry (e.g. an unlisted top-K slot) must contribute exactly
     # nothing, even if its log-prob underflowed to -inf (0 · -inf would be NaN).
     return torch.where(w != 0, -lp * w, torch.zeros_like(lp)), {}
 
 
-def _importance_sampling(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], _: Mapping[str, float]):
+def _importance_sampling(
+    lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], _: Mapping[str, float]
+) -> _Out:
     q, adv = _rl_inputs(lp, inputs)
     return -torch.exp(lp - q) * adv, {}
 
 
-def _ppo(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]):
+def _ppo(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> _Out:
     q, adv = _rl_inputs(lp, inputs)
     return _clipped_surrogate(torch.exp(lp - q), adv, *_thresholds(lp, inputs, config))
 
 
-def _cispo(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]):
+def _cispo(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> _Out:
     q, adv = _rl_inputs(lp, inputs)
     low, high = _thresholds(lp, inputs, config)
     ratio = torch.exp(lp - q).detach()
@@ -83,12 +84,12 @@ def _cispo(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping
     return elementwise, {"clipped_tokens:sum": float(clipped.sum())}
 
 
-def _dro(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]):
+def _dro(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> _Out:
     q, adv = _rl_inputs(lp, inputs)
     return -(lp * adv - 0.5 * config["beta"] * (lp - q) ** 2), {}
 
 
-def _gspo(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]):
+def _gspo(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float]) -> _Out:
     q, adv = _rl_inputs(lp, inputs)
     if "sequence_ratio_mask" in inputs:
         in_ratio = inputs["sequence_ratio_mask"] != 0
@@ -99,13 +100,13 @@ def _gspo(lp: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[
     lp_sg = lp.detach()
     # An empty mask has no sequence ratio; use 1 (log 0) so the loss degrades to the unclipped on-policy one.
     log_ratio = (lp_sg - q)[in_ratio].mean() if bool(in_ratio.any()) else lp_sg.new_zeros(())
-    # GSPO-token (Zheng et al. 2025, eq. 13): each token carries the sequence ratio's value with the gradient
+    # GSPO-token (Zheng et al. 2025, arXiv:2507.18071): each token carries the sequence ratio's value with the gradient
     # of its own log-prob, so per-token advantages still work.
     ratio = torch.exp(log_ratio + lp - lp_sg)
     return _clipped_surrogate(ratio, adv, *_thresholds(lp, inputs, config))
 
 
-def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, low: torch.Tensor, high: torch.Tensor):
+def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> _Out:
     """PPO's pessimistic objective min(r·A, clip(r, low, high)·A), negated; also counts the tokens whose
     gradient the clip removed (r above the band with A > 0, or below it with A < 0)."""
     elementwise = -torch.minimum(ratio * adv, torch.clamp(ratio, low, high) * adv)
