@@ -1,0 +1,98 @@
+"""The local Hugging Face hub cache: find a model's snapshot by name, and register a treadle-converted directory
+there so `AutoTokenizer.from_pretrained(name)` (and tinker-cookbook's `get_tokenizer`) work offline.
+
+Layout (huggingface_hub): `<cache>/models--{org}--{name}/refs/main` holds a revision; the files live in
+`snapshots/<revision>/`. A registration never replaces a snapshot that treadle did not write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+_OWNED = ".treadle-owned.json"  # lists the revisions treadle wrote; lives beside refs/, which the hub ignores
+_LINKED = {"model.safetensors"}  # large files are symlinked, the rest copied so they outlive a temp source
+
+
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub reads, from the environment now (its constants are frozen at import time)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def repo_folder(repo_id: str, hub_cache: Path | None = None) -> Path:
+    return (hub_cache or hub_cache_dir()) / f"models--{repo_id.replace('/', '--')}"
+
+
+def find_snapshot(repo_id: str, hub_cache: Path | None = None) -> Path | None:
+    """The snapshot `refs/main` points to, else the newest snapshot holding a config.json; None if absent."""
+    repo = repo_folder(repo_id, hub_cache)
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if snap.is_dir():
+            return snap
+    snaps = repo / "snapshots"
+    candidates = (
+        [s for s in snaps.iterdir() if not s.name.startswith(".") and (s / "config.json").exists()]
+        if snaps.is_dir()
+        else []
+    )
+    return max(candidates, key=lambda s: s.stat().st_mtime) if candidates else None
+
+
+def _owned(repo: Path) -> list[str]:
+    try:
+        return list(json.loads((repo / _OWNED).read_text()))
+    except (OSError, ValueError):
+        return []
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def register_snapshot(repo_id: str, directory: Path, hub_cache: Path | None = None) -> Path | None:
+    """Expose `directory` as `repo_id`'s main snapshot; returns it, or None when a foreign snapshot is kept."""
+    directory = directory.resolve()
+    repo = repo_folder(repo_id, hub_cache)
+    rev = hashlib.sha1(f"treadle:{repo_id}:{directory}".encode()).hexdigest()
+    owned = _owned(repo)
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        current = ref.read_text().strip()
+        if current not in owned and (repo / "snapshots" / current).is_dir():
+            return None  # the user's real download wins
+    snaps = repo / "snapshots"
+    snaps.mkdir(parents=True, exist_ok=True)
+    tmp = snaps / f".tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    for f in directory.iterdir():
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        if f.name in _LINKED:
+            (tmp / f.name).symlink_to(f)
+        else:
+            shutil.copy2(f, tmp / f.name)
+    snap = snaps / rev
+    if snap.exists():
+        shutil.rmtree(snap)
+    os.rename(tmp, snap)
+    # A "file does not exist" marker from an earlier, smaller registration would hide files added now.
+    shutil.rmtree(repo / ".no_exist" / rev, ignore_errors=True)
+    _atomic_write(repo / _OWNED, json.dumps(sorted({*owned, rev})))
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(ref, rev)
+    return snap
