@@ -1,0 +1,113 @@
+"""Slot-based KV cache for the sampler: one slot per running sequence, per-slot lengths, grown geometrically.
+
+Storage is `(layers, slots, kv_heads, capacity, head_dim)` for keys and values. A model step sees the cache
+through a `CacheStep` (the `KVCacheHook` the model calls), which writes the step's keys/values into the
+step's slots at their positions and returns every key/value those rows may attend to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    """Keys/values of up to `max_slots` sequences of up to `max_len` tokens each.
+
+    Capacity (slots and length) starts small and doubles on demand, so a server configured for long contexts
+    and large batches pays memory only for what it runs; growth copies, but happens O(log n) times.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        max_slots: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        initial_slots: int = 8,
+        initial_len: int = 256,
+    ) -> None:
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.max_slots, self.max_len = max_slots, max_len
+        self.dtype, self.device = dtype, device
+        slots, length = min(initial_slots, max_slots), min(initial_len, max_len)
+        self.k = self._alloc(slots, length)
+        self.v = self._alloc(slots, length)
+
+    def _alloc(self, slots: int, length: int) -> torch.Tensor:
+        shape = (self.num_layers, slots, self.num_kv_heads, length, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def ensure(self, slots: int, length: int) -> None:
+        """Grow (by doubling) so that slot indices < `slots` and positions < `length` exist."""
+        if slots > self.max_slots or length > self.max_len:
+            raise ValueError(f"KV cache request ({slots} slots, {length} tokens) exceeds its limits")
+        if slots <= self.num_slots and length <= self.capacity:
+            return
+        new_slots, new_len = self.num_slots, self.capacity
+        while new_slots < slots:
+            new_slots = min(2 * new_slots, self.max_slots)
+        while new_len < length:
+            new_len = min(2 * new_len, self.max_len)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = self._alloc(new_slots, new_len)
+            new[:, : old.shape[1], :, : old.shape[3]] = old
+            setattr(self, name, new)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot `dst` gets slot `src`'s first `n` positions (prompt sharing and the prefix cache)."""
+        if src == dst or n == 0:
+            return
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+
+    def step(self, slots: list[int], starts: list[int], num_tokens: int) -> CacheStep:
+        """A hook for one model call: row b writes `num_tokens` new tokens to slot `slots[b]` from `starts[b]`."""
+        self.ensure(max(slots) + 1, max(starts) + num_tokens)
+        return CacheStep(self, slots, starts, num_tokens)
+
+
+class CacheStep:
+    """The `KVCacheHook` of one model call, with the matching `positions_B_T` and `mask_B_T_S` (True = may
+    attend): query t of row b sits at position starts[b] + t and sees keys 0..starts[b] + t of its own slot."""
+
+    def __init__(self, cache: SlotKVCache, slots: list[int], starts: list[int], num_tokens: int) -> None:
+        dev = cache.device
+        self.cache = cache
+        T = num_tokens
+        self.S = max(starts) + T
+        B = len(slots)
+        lo = slots[0]
+        # A run of consecutive slots is read as a view; anything else needs a gather (a copy).
+        self._contiguous = slots == list(range(lo, lo + B))
+        self._lo = lo
+        self.slots_B = torch.tensor(slots, device=dev)
+        starts_B = torch.tensor(starts, device=dev)
+        self.positions_B_T = starts_B[:, None] + torch.arange(T, device=dev)[None, :]
+        self.mask_B_T_S = torch.arange(self.S, device=dev)[None, None, :] <= self.positions_B_T[:, :, None]
+
+    def update(
+        self, layer: int, k_B_H_T_d: torch.Tensor, v_B_H_T_d: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        k_all, v_all = c.k[layer], c.v[layer]  # (slots, H, capacity, d)
+        idx_slot, idx_pos = self.slots_B[:, None], self.positions_B_T
+        # Advanced indices around a slice put (B, T) first: the stored value is (B, T, H, d).
+        k_all[idx_slot, :, idx_pos] = k_B_H_T_d.transpose(1, 2).to(c.dtype)
+        v_all[idx_slot, :, idx_pos] = v_B_H_T_d.transpose(1, 2).to(c.dtype)
+        if self._contiguous:
+            B = self.slots_B.shape[0]
+            return k_all[self._lo : self._lo + B, :, : self.S], v_all[self._lo : self._lo + B, :, : self.S]
+        return k_all[self.slots_B, :, : self.S], v_all[self.slots_B, :, : self.S]

@@ -1,0 +1,443 @@
+"""Continuous-batching sampler: a background thread runs one batched decode step over every active sequence,
+admitting new requests between steps and retiring finished ones, over a slot-based KV cache.
+
+Each sample is one row. A row's prompt KV comes from another live row when they share a prefix (same adapter):
+the samples of one request prefill their prompt once, and concurrent requests share common prefixes. Logprobs
+are those of the raw model distribution (what `forward` computes), whatever temperature / top-k / top-p did.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import math
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from treadle import ops
+from treadle.engine.kv_cache import SlotKVCache
+from treadle.engine.sampling import StopCriteria, make_generator, sample_tokens, string_stop_hit
+from treadle.engine.types import SampledSequence, SampleRequest, SampleResult
+from treadle.errors import TreadleError, UserError, require
+from treadle.models import CausalLM, LoraHook
+
+# Prompt logprobs are computed over chunks of positions so a long prompt never holds (T × vocab) fp32 at once.
+_PROMPT_LOGPROB_CHUNK = 256
+
+
+def validate_request(
+    req: SampleRequest, *, vocab_size: int, max_context_length: int, can_decode: bool
+) -> None:
+    """Every check that can fail before the model runs (Invariant 6: bad input costs nothing else)."""
+    require(len(req.prompt) > 0, "prompt", "must contain at least one token")
+    require(all(isinstance(t, int) for t in req.prompt), "prompt", "token ids must be integers")
+    lo, hi = min(req.prompt), max(req.prompt)
+    require(
+        lo >= 0 and hi < vocab_size,
+        "prompt",
+        f"token ids must be in 0..{vocab_size - 1}, got {lo if lo < 0 else hi}",
+    )
+    require(
+        isinstance(req.num_samples, int) and req.num_samples >= 1,
+        "num_samples",
+        f"must be an integer ≥ 1, got {req.num_samples!r}",
+    )
+    require(
+        isinstance(req.topk_prompt_logprobs, int) and 0 <= req.topk_prompt_logprobs <= vocab_size,
+        "topk_prompt_logprobs",
+        f"must be an integer in 0..{vocab_size}, got {req.topk_prompt_logprobs!r}",
+    )
+    p = req.params
+    p.validate(vocab_size)
+    require(
+        p.seed is None or isinstance(p.seed, int),
+        "sampling_params.seed",
+        f"must be an integer, got {p.seed!r}",
+    )
+    total = len(req.prompt) + p.max_tokens
+    require(
+        total <= max_context_length,
+        "sampling_params.max_tokens",
+        f"prompt ({len(req.prompt)} tokens) + max_tokens ({p.max_tokens}) = {total} exceeds the model's "
+        f"context length {max_context_length}",
+    )
+    if not can_decode and any(isinstance(s, str) for s in p.stop or ()):
+        raise UserError(
+            "sampling_params.stop: string stops need a tokenizer; this sampler has none, "
+            "pass stop token ids instead",
+            field="sampling_params.stop",
+        )
+
+
+@dataclasses.dataclass
+class SamplerStats:
+    """Counters for tests and metrics: how much work the model did."""
+
+    prefill_tokens: int = 0  # prompt tokens run through the model (cache hits excluded)
+    decode_steps: int = 0
+    decode_tokens: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    req: SampleRequest
+    future: concurrent.futures.Future[SampleResult]
+    stop: StopCriteria
+    seed: int
+    sequences: list[SampledSequence | None]
+    next_sample: int = 0
+    rows_left: int = 0
+    done: bool = False
+    # logits at the last prompt position: later samples of this request reuse them with the shared prompt KV
+    last_logits_V: torch.Tensor | None = None
+    prompt_logprobs: list[float] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_cache_hit_tokens: int = 0
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.req.prompt_logprobs or self.req.topk_prompt_logprobs > 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    """What a cache slot holds: the tokens whose KV it stores, under which adapter, written for which request.
+    It may serve as a prefix source only while that request is in flight (adapter weights may change later)."""
+
+    tokens: list[int]
+    adapter_id: str | None
+    owner: _Request
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    request: _Request
+    index: int
+    slot: int
+    generator: torch.Generator | None
+    next_token: int = -1  # sampled, not yet in the KV cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Sampler:
+    """Continuous-batching generation over one `CausalLM`; thread-safe `submit`, one background thread."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        lora_hook: Callable[[Sequence[str | None]], LoraHook | None],
+        *,
+        eos_token_ids: Sequence[int],
+        max_context_length: int,
+        decode: Callable[[list[int]], str] | None = None,
+        max_batch_size: int = 64,
+        lock: contextlib.AbstractContextManager[Any] | None = None,
+    ) -> None:
+        require(max_batch_size >= 1, "max_batch_size", f"must be ≥ 1, got {max_batch_size}")
+        require(max_context_length >= 2, "max_context_length", f"must be ≥ 2, got {max_context_length}")
+        self.model = model
+        self._lora_hook = lora_hook
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_context_length = max_context_length
+        self.max_batch_size = max_batch_size
+        self._decode = decode
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            lock if lock is not None else contextlib.nullcontext()
+        )
+        self.vocab_size = model.config.vocab_size
+        param = model.model.embed_tokens.weight
+        self.device = param.device
+        cfg = model.config
+        self._cache = SlotKVCache(
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            max_slots=max_batch_size,
+            max_len=max_context_length,
+            dtype=param.dtype,
+            device=self.device,
+        )
+        self.stats = SamplerStats()
+        self._slots: dict[int, _Slot] = {}
+        self._rows: list[_Row] = []
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._queue: collections.deque[_Request] = collections.deque()  # guarded by _cv
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="treadle-sampler", daemon=True)
+        self._thread.start()
+
+    # public API -----------------------------------------------------------------------------------
+    def submit(self, req: SampleRequest) -> concurrent.futures.Future[SampleResult]:
+        """Validate (UserError naming the field) and queue; the future resolves when every sample is done."""
+        validate_request(
+            req,
+            vocab_size=self.vocab_size,
+            max_context_length=self.max_context_length,
+            can_decode=self._decode is not None,
+        )
+        seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
+        r = _Request(
+            req=req,
+            future=concurrent.futures.Future(),
+            stop=StopCriteria.resolve(req.params.stop, self.eos_token_ids),
+            seed=seed,
+            sequences=[None] * req.num_samples,
+            rows_left=req.num_samples,
+        )
+        with self._cv:
+            if self._closed:
+                raise TreadleError("sampler: closed; no new requests are accepted")
+            self._queue.append(r)
+            self._cv.notify()
+        return r.future
+
+    def generate(self, req: SampleRequest) -> SampleResult:
+        return self.submit(req).result()
+
+    def close(self) -> None:
+        """Stop the background thread; requests not yet finished fail with a TreadleError."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # background loop -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._closed and not self._queue and not self._waiting and not self._rows:
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                    self._waiting.extend(self._queue)
+                    self._queue.clear()
+                self._admit_waiting()
+                if self._rows:
+                    self._decode_step()
+        err = TreadleError("sampler: closed before the request finished")
+        with self._cv:
+            pending = list(self._queue) + list(self._waiting) + [row.request for row in self._rows]
+            self._queue.clear()
+        for r in pending:
+            self._fail(r, err)
+
+    def _fail(self, r: _Request, err: BaseException) -> None:
+        """Resolve `r` with `err` and drop its rows and queued samples (its batch-mates go on)."""
+        if r.done:
+            return
+        r.done = True
+        self._rows = [row for row in self._rows if row.request is not r]
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(r)
+        if not r.future.done():
+            r.future.set_exception(err)
+
+    def _hook(self, adapter_ids: Sequence[str | None]) -> LoraHook | None:
+        return self._lora_hook(adapter_ids)
+
+    # admission: prefill (or reuse) the prompt, then draw each new row's first token --------------------------
+    def _admit_waiting(self) -> None:
+        while self._waiting and len(self._rows) < self.max_batch_size:
+            r = self._waiting[0]
+            if r.done:
+                self._waiting.popleft()
+                continue
+            index = r.next_sample
+            r.next_sample += 1
+            if r.next_sample >= r.req.num_samples:
+                self._waiting.popleft()
+            try:
+                self._admit(r, index)
+            except Exception as e:  # noqa: BLE001 - any failure resolves this request's future (Invariant 4)
+                self._fail(r, e)
+
+    def _free_slot(self, prefer: int | None) -> int:
+        used = {row.slot for row in self._rows}
+        if prefer is not None and prefer not in used:
+            return prefer
+        free = [s for s in range(self.max_batch_size) if s not in used]
+        # Keep slots that still serve as prefix sources of in-flight requests, when there is a choice.
+        idle = [s for s in free if s not in self._slots or self._slots[s].owner.done]
+        return (idle or free)[0]
+
+    def _best_prefix(self, r: _Request) -> tuple[int | None, int]:
+        best_slot, best = None, 0
+        for slot, info in self._slots.items():
+            if info.owner.done or info.adapter_id != r.req.adapter_id:
+                continue
+            p = _common_prefix(info.tokens, r.req.prompt)
+            if p > best:
+                best_slot, best = slot, p
+        return best_slot, best
+
+    def _admit(self, r: _Request, index: int) -> None:
+        prompt = r.req.prompt
+        n = len(prompt)
+        src, p = (None, 0)
+        # Prompt logprobs need logits at every prompt position, so their first prefill runs the whole prompt.
+        if not (r.wants_prompt_logprobs and r.prompt_logprobs is None and r.topk_prompt_logprobs is None):
+            src, p = self._best_prefix(r)
+            # The last prompt position's logits must come from somewhere: a sibling's, or a fresh prefill.
+            p = min(p, n if r.last_logits_V is not None else n - 1)
+        slot = self._free_slot(src if p > 0 else None)
+        self._cache.ensure(slot + 1, n)
+        if src is not None and p > 0:
+            self._cache.copy_prefix(src, slot, p)
+        self._slots[slot] = _Slot(list(prompt[:p]), r.req.adapter_id, r)
+        if index == 0:
+            r.prompt_cache_hit_tokens = p
+        if p < n:
+            r.last_logits_V = self._prefill(r, slot, p)
+        assert r.last_logits_V is not None
+        temp = r.req.params.temperature
+        row = _Row(r, index, slot, make_generator(r.seed, index, self.device) if temp > 0 else None)
+        self._rows.append(row)
+        self._sample_and_accept([row], r.last_logits_V[None, :])
+
+    def _prefill(self, r: _Request, slot: int, start: int) -> torch.Tensor:
+        """Run prompt[start:] into `slot`; returns the last position's logits (V,) and fills prompt logprobs."""
+        prompt = r.req.prompt
+        suffix = prompt[start:]
+        step = self._cache.step([slot], [start], len(suffix))
+        tokens_1_T = torch.tensor([suffix], device=self.device)
+        with self._lock:
+            hook = self._hook([r.req.adapter_id])
+            hidden_1_T_D = self.model(
+                tokens_1_T, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook, cache=step
+            )
+            last_V = self.model.logits(hidden_1_T_D[:, -1:], hook)[0, -1]
+            if r.wants_prompt_logprobs and start == 0:
+                self._prompt_logprobs(r, hidden_1_T_D, hook)
+        self._slots[slot].tokens.extend(suffix)
+        self.stats.prefill_tokens += len(suffix)
+        return last_V
+
+    def _prompt_logprobs(self, r: _Request, hidden_1_T_D: torch.Tensor, hook: LoraHook | None) -> None:
+        prompt = r.req.prompt
+        n, k = len(prompt), r.req.topk_prompt_logprobs
+        targets = torch.tensor(prompt[1:], device=self.device)
+        lps: list[float] = [math.nan]
+        topk: list[list[tuple[int, float]]] = [[]]
+        # position t-1's distribution scores prompt[t]
+        for a in range(0, n - 1, _PROMPT_LOGPROB_CHUNK):
+            b = min(a + _PROMPT_LOGPROB_CHUNK, n - 1)
+            lp_T_V = ops.current().log_softmax(self.model.logits(hidden_1_T_D[:, a:b], hook)[0], dim=-1)
+            lps.extend(lp_T_V.gather(1, targets[a:b, None])[:, 0].tolist())
+            if k > 0:
+                vals, idx = lp_T_V.topk(k, dim=-1)
+                for vs, ids in zip(vals.tolist(), idx.tolist(), strict=True):
+                    topk.append(list(zip(ids, vs, strict=True)))
+        if r.req.prompt_logprobs:
+            r.prompt_logprobs = lps
+        if k > 0:
+            r.topk_prompt_logprobs = topk
+
+    # decode: one batched model call for every active row ---------------------------------------------------
+    def _decode_step(self) -> None:
+        rows = sorted(self._rows, key=lambda row: row.slot)
+        slots = [row.slot for row in rows]
+        starts = [len(self._slots[s].tokens) for s in slots]
+        tokens_B_1 = torch.tensor([[row.next_token] for row in rows], device=self.device)
+        try:
+            step = self._cache.step(slots, starts, 1)
+            with self._lock:
+                hook = self._batch_hook(rows)
+                if len(hook[1]) != len(rows):  # some rows' adapters are gone; they were failed
+                    return
+                hidden = self.model(
+                    tokens_B_1, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook[0], cache=step
+                )
+                logits_B_V = self.model.logits(hidden, hook[0])[:, -1]
+        except Exception as e:  # noqa: BLE001 - a failed step fails its rows' requests, never hangs them
+            for row in rows:
+                self._fail(row.request, e)
+            return
+        for row in rows:
+            self._slots[row.slot].tokens.append(row.next_token)
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(rows)
+        self._sample_and_accept(rows, logits_B_V)
+
+    def _batch_hook(self, rows: list[_Row]) -> tuple[LoraHook | None, list[_Row]]:
+        """The batch's LoRA hook. If it cannot be built (an adapter was removed mid-generation), only the
+        requests whose adapter fails are failed; returns the surviving rows so the caller can retry."""
+        ids = [row.request.req.adapter_id for row in rows]
+        try:
+            return self._hook(ids), rows
+        except Exception:  # noqa: BLE001 - find the culprit adapters below
+            pass
+        bad: set[str | None] = set()
+        for aid in set(ids):
+            try:
+                self._hook([aid])
+            except Exception as e:  # noqa: BLE001
+                bad.add(aid)
+                for row in rows:
+                    if row.request.req.adapter_id == aid:
+                        self._fail(row.request, e)
+        return None, [row for row in rows if row.request.req.adapter_id not in bad]
+
+    def _sample_and_accept(self, rows: list[_Row], logits_B_V: torch.Tensor) -> None:
+        params = [row.request.req.params for row in rows]
+        tokens_B = sample_tokens(
+            logits_B_V,
+            [p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            [row.generator for row in rows],
+        )
+        # Tinker semantics: the logprob of the sampled token under the unmodified model distribution.
+        lp_B = ops.current().log_softmax(logits_B_V, dim=-1).gather(1, tokens_B[:, None])[:, 0]
+        for row, tok, lp in zip(rows, tokens_B.tolist(), lp_B.tolist(), strict=True):
+            self._accept(row, tok, lp)
+
+    def _accept(self, row: _Row, token: int, logprob: float) -> None:
+        r = row.request
+        row.generated.append(token)
+        row.logprobs.append(logprob)
+        reason: Literal["stop", "length"] | None = None
+        if token in r.stop.token_ids:
+            reason = "stop"
+        elif (
+            r.stop.strings
+            and self._decode is not None
+            and string_stop_hit(row.generated, r.stop.strings, self._decode)
+        ):
+            reason = "stop"
+        elif len(row.generated) >= r.req.params.max_tokens:
+            reason = "length"
+        if reason is None:
+            row.next_token = token
+            return
+        self._rows.remove(row)
+        r.sequences[row.index] = SampledSequence(row.generated, row.logprobs, reason)
+        r.rows_left -= 1
+        if r.rows_left == 0 and not r.done:
+            r.done = True
+            seqs = [s for s in r.sequences if s is not None]
+            r.future.set_result(
+                SampleResult(
+                    sequences=seqs,
+                    prompt_logprobs=r.prompt_logprobs,
+                    topk_prompt_logprobs=r.topk_prompt_logprobs,
+                    prompt_cache_hit_tokens=r.prompt_cache_hit_tokens,
+                )
+            )
