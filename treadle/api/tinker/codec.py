@@ -1,0 +1,148 @@
+"""Wire ↔ internal conversion for the two protobuf payloads (protocol §8), using the SDK's own schema
+(`tinker.proto.tinker_public_pb2`) so it is never re-declared here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+from tinker.proto import tinker_public_pb2 as pb
+
+from treadle.engine.types import (
+    Datum,
+    ForwardBackwardRequest,
+    ForwardBackwardResult,
+    SampleRequest,
+    SampleResult,
+)
+from treadle.errors import UserError
+from treadle.service.futures import Outcome
+
+_NP_DTYPE = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
+_TORCH_OUT = {torch.float32: pb.DTYPE_FLOAT32, torch.int64: pb.DTYPE_INT64, torch.int32: pb.DTYPE_INT32}
+EMPTY_TOPK_LOGPROB = -99999.0  # protocol §6.2: empty top-k slots are token 0 / −99999
+
+
+def decode_forward_backward(body: bytes) -> tuple[str, int, ForwardBackwardRequest]:
+    """Returns (model_id, seq_id, request); every malformed part is a UserError naming the field."""
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as e:
+        raise UserError(
+            f"body: not a valid tinker_public.ForwardBackwardRequest protobuf ({e})", field="body"
+        ) from e
+    require_text(msg.model_id, "model_id")
+    config: dict[str, float] = {k: float(v) for k, v in msg.loss_fn_config.items()}
+    for k, v in msg.loss_fn_config_v2.items():
+        if v.WhichOneof("value") == "number":
+            config[k] = float(v.number)
+    data = [_datum(d, i) for i, d in enumerate(msg.data)]
+    req = ForwardBackwardRequest(msg.model_id, data, msg.loss_fn, config, forward_only=msg.forward_only)
+    return msg.model_id, int(msg.seq_id), req
+
+
+def require_text(value: str, field: str) -> None:
+    if not value:
+        raise UserError(f"{field}: required", field=field)
+
+
+def _datum(d: pb.Datum, i: int) -> Datum:
+    parts: list[np.ndarray] = []
+    for chunk in d.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind != "encoded_text":
+            raise UserError(
+                f"data[{i}].model_input: only encoded_text chunks are supported by this server, got {kind}",
+                field=f"data[{i}].model_input",
+            )
+        if len(chunk.encoded_text.tokens) % 4:
+            raise UserError(
+                f"data[{i}].model_input: token bytes must be int32 little-endian",
+                field=f"data[{i}].model_input",
+            )
+        parts.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    inputs = {name: _tensor(t, f"data[{i}].loss_fn_inputs.{name}") for name, t in d.loss_fn_inputs.items()}
+    return Datum(torch.from_numpy(tokens.astype(np.int64)), inputs)
+
+
+def _tensor(t: pb.Tensor, field: str) -> torch.Tensor:
+    np_dtype = _NP_DTYPE.get(t.dtype)
+    if np_dtype is None:
+        raise UserError(f"{field}: dtype must be FLOAT32 or INT64, got {t.dtype}", field=field)
+    shape = [int(s) for s in t.shape]
+    try:
+        if t.WhichOneof("encoding") == "sparse_csr":
+            csr = t.sparse_csr
+            values = torch.from_numpy(np.frombuffer(csr.values, dtype=np_dtype).copy())
+            crow = torch.from_numpy(np.frombuffer(csr.crow_indices, dtype=np.int64).copy())
+            col = torch.from_numpy(np.frombuffer(csr.col_indices, dtype=np.int64).copy())
+            if len(shape) != 2:
+                raise ValueError("sparse CSR tensors must have a 2-D shape")
+            out = torch.sparse_csr_tensor(crow, col, values, size=tuple(shape)).to_dense()
+        else:
+            arr = np.frombuffer(t.dense, dtype=np_dtype).copy()
+            out = torch.from_numpy(arr.reshape(shape) if shape else arr)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{field}: data does not match shape {shape} ({e})", field=field) from e
+    return out.to(torch.int64) if out.dtype == torch.int32 else out
+
+
+def encode_forward_backward(res: ForwardBackwardResult) -> Outcome:
+    out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
+    for k, v in res.metrics.items():
+        out.metrics[k] = float(v)
+    # One record per datum: the SDK concatenates records in order, and each record may carry its own
+    # trailing shape, so ragged outputs (1-D and (N, K) logprobs) need no padding.
+    for datum in res.loss_fn_outputs:
+        rec = out.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=1)
+        for name, tensor in datum.items():
+            t = tensor.detach().cpu()
+            if t.dtype not in _TORCH_OUT:
+                t = t.float() if t.is_floating_point() else t.long()
+            data = t.contiguous().numpy().tobytes()
+            bt = rec.fields[name]
+            bt.data = data
+            bt.offsets = np.array([0, len(data)], dtype=np.int64).tobytes()
+            bt.dtype = _TORCH_OUT[t.dtype]
+            bt.trailing_shape.extend(list(t.shape[1:]))
+    return Outcome(proto=out.SerializeToString())
+
+
+def encode_sample(res: SampleResult, req: SampleRequest) -> Outcome:
+    out = pb.SampleResponse(prompt_cache_hit_tokens=int(res.prompt_cache_hit_tokens))
+    for s in res.sequences:
+        seq = out.sequences.add()
+        seq.stop_reason = pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH
+        seq.tokens = np.asarray(s.tokens, dtype=np.int32).tobytes()
+        seq.logprobs = np.asarray(s.logprobs, dtype=np.float32).tobytes()
+    if res.prompt_logprobs is not None:
+        lp = np.asarray([math.nan if v is None else v for v in res.prompt_logprobs], dtype=np.float32)
+        out.prompt_logprobs = lp.tobytes()
+    k = req.topk_prompt_logprobs
+    if k > 0 and res.topk_prompt_logprobs is not None:
+        n = len(res.topk_prompt_logprobs)
+        ids = np.zeros((n, k), dtype=np.int32)
+        lps = np.full((n, k), EMPTY_TOPK_LOGPROB, dtype=np.float32)
+        for i, row in enumerate(res.topk_prompt_logprobs):
+            for j, (tok, lp_) in enumerate(row[:k]):
+                ids[i, j] = tok
+                lps[i, j] = lp_
+        out.topk_prompt_logprobs.token_ids = ids.tobytes()
+        out.topk_prompt_logprobs.logprobs = lps.tobytes()
+        out.topk_prompt_logprobs.k = k
+        out.topk_prompt_logprobs.length = n
+    return Outcome(proto=out.SerializeToString())
+
+
+class ProtoCodec:
+    """The `ResultCodec` the service uses to encode results as the SDK expects them."""
+
+    def forward_backward(self, res: ForwardBackwardResult) -> Outcome:
+        return encode_forward_backward(res)
+
+    def sample(self, res: SampleResult, req: SampleRequest) -> Outcome:
+        return encode_sample(res, req)

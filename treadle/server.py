@@ -1,0 +1,187 @@
+"""`treadle serve`: one process with the Tinker API (and the OpenAI API when available) over one worker per
+served base model, backed by the metadata DB and checkpoint directory under `--data-dir`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+
+from treadle.api.errors import error_response, install_error_handlers
+from treadle.errors import UserError
+
+log = logging.getLogger("treadle.server")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "treadle" / "server"
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = dataclasses.field(default_factory=default_data_dir)
+    db_url: str | None = None  # default: SQLite file in data_dir; any SQLAlchemy URL (Postgres) works
+    models: list[str] = dataclasses.field(default_factory=list)  # empty = the embedded default model
+    api_keys: list[str] = dataclasses.field(default_factory=list)  # empty (and no file) = open local mode
+    api_keys_file: Path | None = None
+    deterministic: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    session_timeout_s: float = 600.0
+    sweep_interval_s: float = 30.0  # how often expired sessions and checkpoint TTLs are enforced
+    max_request_bytes: int = 256 * 1024 * 1024
+    max_lora_rank: int = 128
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> ServerConfig:
+        cfg = cls(host=args.host, port=args.port)
+        if getattr(args, "data_dir", None):
+            cfg.data_dir = Path(args.data_dir).expanduser()
+        cfg.db_url = getattr(args, "db_url", None)
+        cfg.models = list(getattr(args, "model", None) or [])
+        cfg.api_keys = list(getattr(args, "api_key", None) or [])
+        if getattr(args, "api_keys_file", None):
+            cfg.api_keys_file = Path(args.api_keys_file)
+        cfg.deterministic = bool(getattr(args, "deterministic", False))
+        cfg.dtype = getattr(args, "dtype", "float32")
+        cfg.device = getattr(args, "device", "cpu")
+        if getattr(args, "session_timeout", None) is not None:
+            cfg.session_timeout_s = float(args.session_timeout)
+            cfg.sweep_interval_s = min(cfg.sweep_interval_s, max(cfg.session_timeout_s / 4, 0.5))
+        return cfg
+
+    def model_names(self) -> list[str]:
+        if self.models:
+            return self.models
+        from treadle.models.embedded import DEFAULT_MODEL
+
+        return [DEFAULT_MODEL]
+
+
+def _key_map(cfg: ServerConfig) -> dict[str, str] | None:
+    from treadle.service.auth import owner_for_key, read_keys_file
+
+    keys = {k: owner_for_key(k) for k in cfg.api_keys}
+    if cfg.api_keys_file is not None:
+        keys.update(read_keys_file(cfg.api_keys_file))
+    return keys or None
+
+
+def build_service(cfg: ServerConfig) -> Any:
+    """Load every served model and open the store; returns the `TinkerService`."""
+    from treadle.api.tinker.codec import ProtoCodec
+    from treadle.engine.engine import Engine
+    from treadle.service.auth import Authenticator
+    from treadle.service.tinker_service import ServiceConfig, TinkerService
+    from treadle.service.workers import WorkerPool
+    from treadle.store import MetadataStore
+
+    auth = Authenticator(_key_map(cfg))
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    names = cfg.model_names()
+    if len(set(names)) != len(names):
+        raise UserError(f"model: each model may be served once, got {names}", field="model")
+    engines = []
+    for name in names:
+        log.info("loading %s …", name)
+        engines.append(
+            Engine(
+                name,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                deterministic=cfg.deterministic,
+                max_lora_rank=cfg.max_lora_rank,
+            )
+        )
+    store = MetadataStore(cfg.db_url or f"sqlite:///{cfg.data_dir / 'treadle.db'}")
+    scfg = ServiceConfig(data_dir=cfg.data_dir, session_timeout_s=cfg.session_timeout_s)
+    return TinkerService(scfg, store, WorkerPool(engines), auth, ProtoCodec())
+
+
+def build_app(config: ServerConfig) -> FastAPI:
+    from treadle.api.tinker import make_router
+
+    service = build_service(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_sweeper(service, config.sweep_interval_s))
+        try:
+            yield
+        finally:
+            task.cancel()
+            service.close()
+
+    app = FastAPI(title="treadle", lifespan=lifespan)
+    app.state.service = service
+    install_error_handlers(app)
+
+    limit = config.max_request_bytes
+
+    @app.middleware("http")
+    async def _size_limit(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return error_response(413, f"body: requests are limited to {limit} bytes on this server")
+        return await call_next(request)
+
+    app.include_router(make_router(service))
+    _mount_openai(app, service)
+    return app
+
+
+def _mount_openai(app: FastAPI, service: Any) -> None:
+    try:
+        from treadle.api.openai import make_router as openai_router
+    except ImportError:  # the OpenAI front end is optional; the Tinker API works without it
+        return
+    from treadle.service.openai_backend import ServiceOpenAIBackend
+
+    app.include_router(openai_router(ServiceOpenAIBackend(service)))
+
+
+async def _sweeper(service: Any, interval_s: float) -> None:
+    """Enforce session timeouts and checkpoint TTLs in the background."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            expired = service.expire_sessions()
+            if expired:
+                log.info("expired %d silent session(s)", len(expired))
+            service.sweep_expired_checkpoints()
+        except Exception:
+            log.exception("sweeper failed")
+
+
+def serve(config: ServerConfig) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = build_app(config)
+    url = f"http://{config.host}:{config.port}"
+    key = config.api_keys[0] if config.api_keys else "tml-local"
+    print(f"treadle serving on {url}", flush=True)
+    print(f"models: {', '.join(config.model_names())}", flush=True)
+    print(f"data dir: {config.data_dir}", flush=True)
+    print("point the tinker SDK / cookbook at it:", flush=True)
+    print(f"  export TINKER_BASE_URL={url}", flush=True)
+    print(f"  export TINKER_API_KEY={key}", flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    from treadle.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,109 @@
+"""Futures: every work request is answered at once with a request id that resolves later.
+
+Durable rows in the metadata DB (so retries and restarts find them) plus an in-process asyncio event per
+pending future, so the hot path (`retrieve_future` long-poll) wakes the moment a worker resolves it,
+without polling the DB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import uuid
+from typing import Any
+
+from treadle.errors import NotFoundError, TreadleError
+from treadle.store import MetadataStore
+
+RESTART_MESSAGE = "the server restarted while this request was in flight; submit it again"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """A resolved future: exactly one of a JSON result, a protobuf result, or an error."""
+
+    json: dict[str, Any] | None = None
+    proto: bytes | None = None
+    error: str | None = None
+    category: str | None = None  # "user" | "server" | "unknown" when `error` is set
+
+
+class _Pending:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.event = asyncio.Event()
+        self.outcome: Outcome | None = None
+
+
+class FutureHub:
+    def __init__(self, store: MetadataStore) -> None:
+        self._store = store
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def recover(self) -> int:
+        """Fail whatever a previous process left pending (invariant 4: every future resolves)."""
+        return self._store.fail_pending_futures(RESTART_MESSAGE)
+
+    def create(self, owner: str, kind: str, dedupe_key: str | None = None) -> tuple[str, bool]:
+        """Record a pending future on the event loop; returns (request_id, created). A retried submission
+        (same `dedupe_key`) gets the original request id and `created=False`, and must not run again."""
+        self._loop = asyncio.get_running_loop()
+        new_id = uuid.uuid4().hex
+        request_id = self._store.add_future(new_id, owner, kind, dedupe_key)
+        if request_id != new_id:
+            return request_id, False
+        with self._lock:
+            self._pending[request_id] = _Pending(owner)
+        return request_id, True
+
+    def resolve(self, request_id: str, outcome: Outcome) -> None:
+        """Thread-safe: persist, then wake the waiters on the event loop."""
+        self._store.finish_future(
+            request_id,
+            result_json=json.dumps(outcome.json) if outcome.json is not None else None,
+            result_proto=outcome.proto,
+            error=outcome.error,
+            category=outcome.category,
+        )
+        with self._lock:
+            entry = self._pending.get(request_id)
+        if entry is None:
+            return
+        entry.outcome = outcome
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(entry.event.set)
+
+    def fail(self, request_id: str, err: TreadleError) -> None:
+        self.resolve(request_id, Outcome(error=err.message, category=err.category))
+
+    async def wait(self, request_id: str, owner: str, timeout_s: float) -> Outcome | None:
+        """The outcome, or None if still pending after `timeout_s` (the caller answers 408)."""
+        with self._lock:
+            entry = self._pending.get(request_id)
+        if entry is not None:
+            if entry.owner != owner:
+                raise NotFoundError(
+                    f"request_id: no request {request_id!r} for this API key", field="request_id"
+                )
+            try:
+                await asyncio.wait_for(entry.event.wait(), timeout_s)
+            except TimeoutError:
+                return None
+            with self._lock:
+                self._pending.pop(request_id, None)
+            assert entry.outcome is not None
+            return entry.outcome
+        row = self._store.get_future(request_id)
+        if row is None or row.owner != owner:
+            raise NotFoundError(f"request_id: no request {request_id!r} for this API key", field="request_id")
+        if row.state == "pending":
+            # Only reachable if resolve() raced the pop above; the next poll sees the result.
+            return None
+        if row.state == "error":
+            return Outcome(error=row.error, category=row.category or "unknown")
+        return Outcome(json=json.loads(row.result_json) if row.result_json else None, proto=row.result_proto)
