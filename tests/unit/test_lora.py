@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from treadle.engine.types import AdamParams, LoraConfig
-from treadle.errors import NotFoundError, UserError
-from treadle.lora import AdapterBank
+from treadle.errors import ConflictError, NotFoundError, UserError
+from treadle.lora import AdapterBank, atomic_write_dir
 from treadle.models import CausalLM, ModelConfig
 from treadle.models.weights import load_state, read_safetensors
 
@@ -227,3 +227,147 @@ def test_optim_step_without_grad_is_a_noop(model: CausalLM) -> None:
     metrics = bank.optim_step("a", AdamParams(learning_rate=0.1, weight_decay=0.5))
     assert metrics["grad_norm:mean"] == 0.0 and metrics["lr:mean"] == 0.1
     assert_same(before, snapshot(bank, "a"))
+
+
+def train_step(
+    model: CausalLM, bank: AdapterBank, adapter_id: str, seed: int, hp: AdamParams
+) -> dict[str, float]:
+    nll(model, bank, [adapter_id, adapter_id], tokens(B=2, T=6, seed=seed)).backward()
+    return bank.optim_step(adapter_id, hp)
+
+
+HP = AdamParams(learning_rate=1e-2, weight_decay=0.01, grad_clip_norm=1.0)
+
+
+def test_isolation_every_op_on_a_leaves_b_bit_identical(model: CausalLM, tmp_path: Path) -> None:
+    bank = AdapterBank(model)
+    bank.create("b", LoraConfig(rank=4, seed=2))
+    train_step(model, bank, "b", 1, HP)
+    b0 = snapshot(bank, "b")
+
+    def check() -> None:
+        assert_same(b0, snapshot(bank, "b"))
+        assert not bank.has_grad("b")
+
+    bank.create("a", LoraConfig(rank=8, seed=2))
+    check()
+    nll(model, bank, ["a", "a"], tokens(B=2, T=6, seed=3)).backward()
+    check()
+    # b's rows are forward-only in this batch: train_ids keeps backward out of b's tensors
+    hook = bank.hook(["a", "b"], train_ids={"a"})
+    toks = tokens(B=2, T=6, seed=4)
+    lp = model.logprobs(model(toks, lora=hook), hook)
+    lp[:, :-1].gather(-1, toks[:, 1:, None]).sum().backward()
+    check()
+    bank.optim_step("a", HP)
+    check()
+    bank.save("a", tmp_path / "a", optimizer=True, base_model="tiny")
+    check()
+    bank.load("a2", tmp_path / "a", optimizer=True)
+    check()
+    bank.copy("a", "a_snap")
+    bank.remove("a")
+    check()
+    assert sorted(bank.ids()) == ["a2", "a_snap", "b"]
+
+
+def test_mixed_batch_without_train_ids_routes_grads_to_every_adapter(model: CausalLM) -> None:
+    bank = AdapterBank(model)
+    bank.create("a", LoraConfig(rank=4, seed=1))
+    bank.create("b", LoraConfig(rank=4, seed=2))
+    nll(model, bank, ["a", "b"], tokens(B=2, T=6)).backward()
+    assert bank.has_grad("a") and bank.has_grad("b")
+
+
+def test_copy_is_a_frozen_snapshot(model: CausalLM) -> None:
+    bank = AdapterBank(model)
+    bank.create("a", LoraConfig(rank=4, seed=1))
+    train_step(model, bank, "a", 1, HP)
+    bank.copy("a", "snap")
+    toks = tokens()
+    before = logits_for(model, bank, ["a"] * 3, toks)
+    train_step(model, bank, "a", 2, HP)
+    assert torch.equal(logits_for(model, bank, ["snap"] * 3, toks), before)
+    assert not torch.equal(logits_for(model, bank, ["a"] * 3, toks), before)
+    assert bank.trainable_parameters("snap") == []
+    with pytest.raises(UserError, match="frozen"):
+        bank.optim_step("snap", HP)
+    with pytest.raises(UserError, match="already exists"):
+        bank.copy("a", "snap")
+
+
+def test_save_load_round_trip_continues_identically(model: CausalLM, tmp_path: Path) -> None:
+    bank = AdapterBank(model)
+    cfg = LoraConfig(rank=4, seed=5, alpha=8.0, train_unembed=False)
+    bank.create("a", cfg)
+    for s in range(2):
+        train_step(model, bank, "a", s, HP)
+    bank.save("a", tmp_path / "ck", optimizer=True, base_model="tiny")
+    assert bank.load("b", tmp_path / "ck", optimizer=True) == cfg
+    assert_same(snapshot(bank, "a"), snapshot(bank, "b"))
+    ma, mb = train_step(model, bank, "a", 7, HP), train_step(model, bank, "b", 7, HP)
+    assert ma == mb
+    assert_same(snapshot(bank, "a"), snapshot(bank, "b"))
+    # weights only: the same weights, fresh optimizer state
+    bank.save("a", tmp_path / "w", optimizer=False, base_model="tiny")
+    bank.load("c", tmp_path / "w", optimizer=False)
+    assert bank._adapters["c"].optim == {}
+    for pa, pc in zip(bank.trainable_parameters("a"), bank.trainable_parameters("c"), strict=True):
+        assert torch.equal(pa, pc)
+    with pytest.raises(UserError, match="optimizer"):
+        bank.load("d", tmp_path / "w", optimizer=True)
+    assert "d" not in bank
+
+
+def test_load_rejects_checkpoints_that_do_not_fit(model: CausalLM, moe_dir: Path, tmp_path: Path) -> None:
+    bank = AdapterBank(model)
+    bank.create("a", LoraConfig(rank=8, seed=1))
+    bank.save("a", tmp_path / "a", optimizer=False, base_model="tiny")
+    with pytest.raises(UserError, match="rank"):
+        AdapterBank(model, max_rank=4).load("a", tmp_path / "a", optimizer=False)
+    with pytest.raises(UserError, match="wrong base model"):
+        AdapterBank(load_model(moe_dir)).load("a", tmp_path / "a", optimizer=False)
+    with pytest.raises(UserError, match="not an adapter checkpoint"):
+        bank.load("b", tmp_path / "missing", optimizer=False)
+    assert bank.ids() == ["a"]
+
+
+def test_atomic_write_dir(tmp_path: Path) -> None:
+    final = tmp_path / "ck"
+    with pytest.raises(RuntimeError), atomic_write_dir(final) as tmp:
+        (tmp / "x").write_text("half")
+        raise RuntimeError("crash while writing")
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+    with atomic_write_dir(final) as tmp:
+        (tmp / "x").write_text("one")
+    with pytest.raises(ConflictError), atomic_write_dir(final):
+        pass
+    with atomic_write_dir(final, overwrite=True) as tmp:
+        (tmp / "y").write_text("two")
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    assert [p.name for p in final.iterdir()] == ["y"]
+
+
+def test_moe_experts_are_adapted_routed_and_isolated(moe_dir: Path) -> None:
+    model = load_model(moe_dir)
+    bank = AdapterBank(model)
+    bank.create("a", LoraConfig(rank=4, seed=1))
+    bank.create("b", LoraConfig(rank=4, seed=2, train_attn=False))
+    expert_keys = {k for k in bank._adapters["a"].weights if ".experts." in k}
+    assert expert_keys == {t.key for t in model.lora_targets() if ".experts." in t.key} and expert_keys
+    toks = tokens(B=3, T=5)
+    base = model.logits(model(toks))
+    assert torch.equal(logits_for(model, bank, ["a", "b", None], toks), base)
+    perturb(bank, "a", 1)
+    perturb(bank, "b", 2)
+    ids: list[str | None] = ["a", "b", None]
+    mixed = logits_for(model, bank, ids, toks)
+    for r, aid in enumerate(ids):
+        assert (mixed[r] - logits_for(model, bank, [aid], toks[r : r + 1])[0]).abs().max() <= 1e-6
+    assert (mixed[0] - base[0]).abs().max() > 1e-3
+    b0 = snapshot(bank, "b")
+    train_step(model, bank, "a", 3, HP)
+    ad = bank._adapters["a"]
+    assert any(n in ad.optim for n in (f"{k}.lora_A" for k in expert_keys)), "no expert received a gradient"
+    assert_same(b0, snapshot(bank, "b"))
+    assert not bank.has_grad("b")

@@ -60,6 +60,11 @@ class Adapter:
             out.append((f"{key}.lora_B", pair.b_Out_R))
         return out
 
+    def detached_view(self) -> Adapter:
+        """The same storage without autograd: rows routed through it contribute no gradient."""
+        weights = {k: LoraPair(p.a_R_In.detach(), p.b_Out_R.detach()) for k, p in self.weights.items()}
+        return Adapter(self.config, weights, trainable=False)
+
     def frozen_copy(self) -> Adapter:
         """Weights-only snapshot: new storage, no autograd, no optimizer state."""
         weights = {

@@ -6,7 +6,7 @@ on one adapter never changes another (ARCHITECTURE invariant 3).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -72,8 +72,15 @@ class AdapterBank:
 
     # -- forward -------------------------------------------------------------------------------------------
 
-    def hook(self, adapter_ids_B: Sequence[str | None]) -> LoraHook | None:
-        """Per-row routing for one batch (row b uses `adapter_ids_B[b]`, None = base model)."""
+    def hook(
+        self, adapter_ids_B: Sequence[str | None], *, train_ids: Collection[str] | None = None
+    ) -> LoraHook | None:
+        """Per-row routing for one batch (row b uses `adapter_ids_B[b]`, None = base model).
+
+        `train_ids` names the adapters whose tensors may receive gradients from this batch (None = all).
+        Pass it when a batch mixes forward-only rows with training rows: otherwise backward writes a zero
+        `.grad` into the forward-only adapters, and their next `optim_step` would decay their moments.
+        """
         rows: dict[str, list[int]] = {}
         for b, aid in enumerate(adapter_ids_B):
             if aid is not None:
@@ -81,10 +88,12 @@ class AdapterBank:
                 rows.setdefault(aid, []).append(b)
         if not rows:
             return None
-        groups = [
-            (self._adapters[aid], torch.tensor(r, dtype=torch.long, device=self.device))
-            for aid, r in rows.items()
-        ]
+        groups: list[tuple[Adapter, torch.Tensor]] = []
+        for aid, r in rows.items():
+            ad = self._adapters[aid]
+            if train_ids is not None and aid not in train_ids:
+                ad = ad.detached_view()
+            groups.append((ad, torch.tensor(r, dtype=torch.long, device=self.device)))
         return RoutedLora(groups, len(adapter_ids_B), self.device)
 
     # -- training ------------------------------------------------------------------------------------------

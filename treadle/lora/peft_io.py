@@ -180,7 +180,9 @@ def _read_weights(
             )
         halves.setdefault(key, {})[m.group(2)] = t
     out: dict[str, LoraPair] = {}
-    for key, ab in halves.items():
+    # in the model's target order (safetensors sorts keys), so parameter order matches a created adapter
+    for key in (k for k in targets if k in halves):
+        ab = halves[key]
         if set(ab) != {"A", "B"}:
             raise UserError(f"checkpoint: {key!r} needs both lora_A and lora_B", field="path")
         a, b, tgt = ab["A"], ab["B"], targets[key]
