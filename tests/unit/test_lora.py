@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from treadle import ops
 from treadle.engine.types import AdamParams, LoraConfig
 from treadle.errors import ConflictError, NotFoundError, UserError
 from treadle.lora import AdapterBank, atomic_write_dir
@@ -371,3 +372,22 @@ def test_moe_experts_are_adapted_routed_and_isolated(moe_dir: Path) -> None:
     assert any(n in ad.optim for n in (f"{k}.lora_A" for k in expert_keys)), "no expert received a gradient"
     assert_same(b0, snapshot(bank, "b"))
     assert not bank.has_grad("b")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_batch_invariant_mode_mixed_batch_is_bitwise_equal_to_rows_alone(
+    family: str, llama_dir: Path, moe_dir: Path
+) -> None:
+    pytest.importorskip("treadle.ops.batch_invariant")
+    model = load_model(llama_dir if family == "llama" else moe_dir)
+    bank = AdapterBank(model)
+    bank.create("a", LoraConfig(rank=8, seed=1))
+    bank.create("b", LoraConfig(rank=4, seed=2, train_mlp=False))
+    perturb(bank, "a", 1)
+    perturb(bank, "b", 2)
+    toks = tokens(B=4)
+    ids: list[str | None] = ["a", None, "b", "a"]
+    with ops.mode("batch_invariant"):
+        mixed = logits_for(model, bank, ids, toks)
+        for r, aid in enumerate(ids):
+            assert torch.equal(mixed[r], logits_for(model, bank, [aid], toks[r : r + 1])[0])

@@ -35,25 +35,21 @@ class RoutedLora:
         active = [(i, ad, idx) for i, (ad, idx) in enumerate(self.groups) if key in ad.weights]
         if not active:
             return None
-        out_features = active[0][1].weights[key].b_Out_R.shape[0]
+        if len(active) == 1 and active[0][2].numel() == self.batch_size:
+            # one adapter serves every row: no gather/scatter needed
+            ad = active[0][1]
+            return lora_delta(ad.weights[key], ad.scale, x)
         if rows is None:
-            if len(active) == 1 and active[0][2].numel() == x.shape[0]:
-                _, ad, _ = active[0]
-                return lora_delta(ad.weights[key], ad.scale, x)
-            sel_per_group = [(ad, idx) for _, ad, idx in active]
+            selections = [(ad, idx) for _, ad, idx in active]
         else:
             slot_N = self.slot_B[rows]
-            sel_per_group = []
-            for i, ad, _ in active:
-                sel = torch.nonzero(slot_N == i).squeeze(1)
-                if sel.numel():
-                    sel_per_group.append((ad, sel))
-            if not sel_per_group:
+            selections = [(ad, torch.nonzero(slot_N == i).squeeze(1)) for i, ad, _ in active]
+            selections = [(ad, sel) for ad, sel in selections if sel.numel()]
+            if not selections:
                 return None
-            if len(sel_per_group) == 1 and sel_per_group[0][1].numel() == x.shape[0]:
-                ad, _ = sel_per_group[0]
-                return lora_delta(ad.weights[key], ad.scale, x)
+        out_features = selections[0][0].weights[key].b_Out_R.shape[0]
         out = x.new_zeros(*x.shape[:-1], out_features)
-        for ad, sel in sel_per_group:
+        for ad, sel in selections:
+            # rows outside `sel` keep 0; index_copy is out-of-place, so gradients reach only `sel`'s adapter
             out = out.index_copy(0, sel, lora_delta(ad.weights[key], ad.scale, x.index_select(0, sel)))
         return out
