@@ -238,7 +238,7 @@ def test_checkpoint_model_uses_its_adapter_and_is_owned(http, engine, backend):
     _sft(engine, "alice-ckpt", prompt, answer, steps=40)
     backend.checkpoints[ALICE_CKPT] = ("alice", "alice-ckpt")
     backend.checkpoints[BOB_CKPT] = ("bob", "alice-ckpt")
-    msgs = [{"role": "user", "content": "What is the secret word?"}]
+    msgs: list[Any] = [{"role": "user", "content": "What is the secret word?"}]
 
     tuned = _client(http).chat.completions.create(
         model=ALICE_CKPT, messages=msgs, max_tokens=8, temperature=0
