@@ -127,9 +127,11 @@ class AdapterBank:
         self._adapters[dst_id] = src.frozen_copy()
 
     def save(self, adapter_id: str, directory: Path, *, optimizer: bool, base_model: str) -> None:
+        """PEFT-layout checkpoint at `directory`, written atomically; an existing one there is replaced whole."""
         write_adapter(self._get(adapter_id), Path(directory), optimizer=optimizer, base_model=base_model)
 
     def load(self, adapter_id: str, directory: Path, *, optimizer: bool) -> LoraConfig:
+        """Create `adapter_id` (trainable) from a treadle- or PEFT-made checkpoint; nothing changes on error."""
         self._require_new(adapter_id)
         ad = read_adapter(
             Path(directory), self.targets, self.max_rank, optimizer=optimizer, device=self.device

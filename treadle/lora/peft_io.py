@@ -208,7 +208,10 @@ def _read_optimizer(
             "optimizer: this checkpoint has no optimizer state; load it with optimizer=False",
             field="optimizer",
         )
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise UserError(f"checkpoint: cannot read {path.name}: {e}", field="path") from e
     params = {}
     for key, pair in weights.items():
         params[f"{key}.lora_A"], params[f"{key}.lora_B"] = pair.a_R_In, pair.b_Out_R
