@@ -12,7 +12,7 @@ import torch
 
 from treadle import ops
 from treadle.ops import cpu_invariant
-from treadle.ops.batch_invariant import BatchInvariantOps
+from treadle.ops.batch_invariant import BatchInvariantOps, with_reference_grad
 from treadle.ops.fast import FastOps
 
 BI = BatchInvariantOps()
@@ -116,7 +116,9 @@ def test_attention_prefill_decode_padded_chunked_agree() -> None:
     rng = random.Random(0)
     for t in [0, 1, cpu_invariant.KV_SPLIT - 1, cpu_invariant.KV_SPLIT, T - 1] + rng.sample(range(T), 6):
         S = t + 1
-        dec = BI.attention(q[:, :, t : t + 1], k[:, :, :S], v[:, :, :S], torch.ones(1, 1, S, dtype=torch.bool), d**-0.5)
+        dec = BI.attention(
+            q[:, :, t : t + 1], k[:, :, :S], v[:, :, :S], torch.ones(1, 1, S, dtype=torch.bool), d**-0.5
+        )
         assert torch.equal(dec[0, :, 0], full[0, :, t]), f"decode at {t}"
         # extra trailing key slots, masked out, filled with junk (a longer batch-mate's cache)
         extra = rng.choice([1, 5, cpu_invariant.KV_SPLIT, 150])
@@ -158,16 +160,17 @@ def test_matches_fast_ops() -> None:
     x = torch.randn(5, 11, 96, generator=g)
     W, b = torch.randn(72, 96, generator=g), torch.randn(72, generator=g)
     w = torch.randn(96, generator=g)
-    close = {"rtol": 1e-5, "atol": 1e-5}
-    assert torch.allclose(BI.linear(x, W, b), FAST.linear(x, W, b), **close)
-    assert torch.allclose(BI.rmsnorm(x, w, 1e-6), FAST.rmsnorm(x, w, 1e-6), **close)
+    assert torch.allclose(BI.linear(x, W, b), FAST.linear(x, W, b), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(BI.rmsnorm(x, w, 1e-6), FAST.rmsnorm(x, w, 1e-6), rtol=1e-5, atol=1e-5)
     for dim in (-1, 1):
-        assert torch.allclose(BI.softmax(x, dim), FAST.softmax(x, dim), **close)
-        assert torch.allclose(BI.log_softmax(x, dim), FAST.log_softmax(x, dim), **close)
+        assert torch.allclose(BI.softmax(x, dim), FAST.softmax(x, dim), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(BI.log_softmax(x, dim), FAST.log_softmax(x, dim), rtol=1e-5, atol=1e-5)
         assert torch.allclose(BI.sum(x, dim), FAST.sum(x, dim), rtol=1e-5, atol=1e-4)
     q, k, v = _qkv(2, 3, 150, 16, 7)
     mask = _causal(150, 150)[None].expand(2, 150, 150)
-    assert torch.allclose(BI.attention(q, k, v, mask, 0.25), FAST.attention(q, k, v, mask, 0.25), **close)
+    assert torch.allclose(
+        BI.attention(q, k, v, mask, 0.25), FAST.attention(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_gradients_match_fast_ops() -> None:
@@ -189,6 +192,32 @@ def test_gradients_match_fast_ops() -> None:
 
     for gb, gf in zip(grads(BI), grads(FAST), strict=True):
         assert torch.allclose(gb, gf, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_grad_wrapper_gives_reference_gradients() -> None:
+    """The CUDA path's autograd wrapper (checked here with CPU kernels): forward of one, backward of the other."""
+    g = torch.Generator().manual_seed(6)
+    x0, W0, b0 = (
+        torch.randn(4, 7, 16, generator=g),
+        torch.randn(12, 16, generator=g),
+        torch.randn(12, generator=g),
+    )
+    q0, k0, v0 = (t.contiguous() for t in _qkv(1, 2, 20, 8, 6))
+    mask = _causal(20, 20)[None]
+    leaves = [t.clone().requires_grad_(True) for t in (x0, W0, b0, q0, k0, v0)]
+    x, W, b, q, k, v = leaves
+    y = with_reference_grad(cpu_invariant.linear, FAST.linear, x, W, b)
+    att = with_reference_grad(cpu_invariant.attention, FAST.attention, q, k, v, mask, 0.3)
+    assert torch.equal(y, cpu_invariant.linear(x0, W0, b0))
+    got = torch.autograd.grad((y * y).sum() + (att * att).sum(), leaves)
+    leaves = [t.clone().requires_grad_(True) for t in (x0, W0, b0, q0, k0, v0)]
+    x, W, b, q, k, v = leaves
+    y, att = FAST.linear(x, W, b), FAST.attention(q, k, v, mask, 0.3)
+    want = torch.autograd.grad((y * y).sum() + (att * att).sum(), leaves)
+    for a, c in zip(got, want, strict=True):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-5)
+    # without grad, no wrapper: plain kernel output
+    assert not with_reference_grad(cpu_invariant.linear, FAST.linear, x0, W0, None).requires_grad
 
 
 def test_mode_switch_selects_batch_invariant() -> None:

@@ -40,7 +40,9 @@ class _KernelWithReferenceGrad(torch.autograd.Function):
     """Forward with an invariant kernel, backward by differentiating the reference formula at the inputs."""
 
     @staticmethod
-    def forward(ctx: Any, kernel: Callable[..., torch.Tensor], reference: Callable[..., torch.Tensor], *args: Any):
+    def forward(
+        ctx: Any, kernel: Callable[..., torch.Tensor], reference: Callable[..., torch.Tensor], *args: Any
+    ):
         ctx.reference = reference
         ctx.tensor_idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         ctx.args = [None if isinstance(a, torch.Tensor) else a for a in args]
@@ -62,14 +64,18 @@ class _KernelWithReferenceGrad(torch.autograd.Function):
             got = torch.autograd.grad(out, wanted, grads[0], allow_unused=True) if wanted else ()
         it = iter(got)
         per_tensor = [next(it) if x.requires_grad else None for x in leaves]
-        result: list[torch.Tensor | None] = [None, None] + [None] * len(args)
+        result: list[torch.Tensor | None] = [None] * (2 + len(args))
         for i, g in zip(ctx.tensor_idx, per_tensor, strict=True):
             result[2 + i] = g
         return tuple(result)
 
 
-def _apply(kernel: Callable[..., torch.Tensor], reference: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+def with_reference_grad(
+    kernel: Callable[..., torch.Tensor], reference: Callable[..., torch.Tensor], *args: Any
+) -> torch.Tensor:
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    )
     if not needs_grad:
         return kernel(*args)
     return _KernelWithReferenceGrad.apply(kernel, reference, *args)  # type: ignore[no-any-return]
@@ -84,17 +90,17 @@ class BatchInvariantOps:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if _use_triton(x, weight):
-            return _apply(_triton().linear, _fast.linear, x, weight, bias)
+            return with_reference_grad(_triton().linear, _fast.linear, x, weight, bias)
         return cpu.linear(x, weight, bias)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if _use_triton(a, b):
-            return _apply(_triton_matmul, _fast.matmul, a, b)
+            return with_reference_grad(_triton_matmul, _fast.matmul, a, b)
         return cpu.matmul(a, b)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if _use_triton(x, weight):
-            return _apply(_triton().rmsnorm, _fast.rmsnorm, x, weight, eps)
+            return with_reference_grad(_triton().rmsnorm, _fast.rmsnorm, x, weight, eps)
         return cpu.rmsnorm(x, weight, eps)
 
     def attention(
@@ -107,19 +113,21 @@ class BatchInvariantOps:
     ) -> torch.Tensor:
         args = (q_B_H_T_d, k_B_H_S_d, v_B_H_S_d, mask_B_T_S, scale)
         if _use_triton(q_B_H_T_d):
-            return _apply(_triton().attention, _reference_attention, *args)
+            return with_reference_grad(_triton().attention, _reference_attention, *args)
         return cpu.attention(*args)
 
     def softmax(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if _use_triton(x):
             kernels = _triton()
-            return _apply(lambda t: _lastdim(lambda u: kernels.softmax_lastdim(u, False), t, dim), _softmax(dim), x)
+            return with_reference_grad(
+                lambda t: _lastdim(lambda u: kernels.softmax_lastdim(u, False), t, dim), _softmax(dim), x
+            )
         return cpu.softmax(x, dim)
 
     def log_softmax(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if _use_triton(x):
             kernels = _triton()
-            return _apply(
+            return with_reference_grad(
                 lambda t: _lastdim(lambda u: kernels.softmax_lastdim(u, True), t, dim), _log_softmax(dim), x
             )
         return cpu.log_softmax(x, dim)
@@ -127,7 +135,9 @@ class BatchInvariantOps:
     def sum(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if _use_triton(x):
             kernels = _triton()
-            return _apply(lambda t: kernels.sum_lastdim(t.movedim(dim, -1)), lambda t: t.sum(dim), x)
+            return with_reference_grad(
+                lambda t: kernels.sum_lastdim(t.movedim(dim, -1)), lambda t: t.sum(dim), x
+            )
         return cpu.sum(x, dim)
 
 

@@ -19,6 +19,8 @@ autograd Functions whose backward is the exact math in plain torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,11 @@ _MM_TILES: dict[torch.dtype, tuple[int, int, int]] = {
 ROW_BLOCK = 1024  # column block for the row kernels
 ATTN_BLOCK_M = 16  # queries per attention program
 ATTN_BLOCK_N = 64  # the fixed KV split size, aligned to absolute key positions
+
+
+def _launch(kernel: Any, grid: tuple[int, ...]) -> Any:
+    """`kernel[grid]`, typed loosely: pyright cannot see that Triton turns ints into `tl.constexpr`."""
+    return kernel[grid]
 
 
 @triton.jit
@@ -102,7 +109,7 @@ def bmm(a_B_M_K: torch.Tensor, b_B_K_N: torch.Tensor, bias_N: torch.Tensor | Non
         return c
     bm, bn, bk = _MM_TILES.get(a_B_M_K.dtype, _MM_TILES[torch.float32])
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), Bt)
-    _mm_kernel[grid](
+    _launch(_mm_kernel, grid)(
         a_B_M_K,
         b_B_K_N,
         c,
@@ -156,7 +163,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     M, N = x_M_N.shape
     y = torch.empty_like(x_M_N)
     if M:
-        _rmsnorm_kernel[(M,)](x_M_N, weight.contiguous(), y, N, x_M_N.stride(0), y.stride(0), eps, BLOCK=ROW_BLOCK)
+        _launch(_rmsnorm_kernel, (M,))(
+            x_M_N, weight.contiguous(), y, N, x_M_N.stride(0), y.stride(0), eps, BLOCK=ROW_BLOCK
+        )
     return y.reshape(x.shape)
 
 
@@ -194,7 +203,7 @@ def softmax_lastdim(x: torch.Tensor, log: bool) -> torch.Tensor:
     y = torch.empty_like(x_M_N)
     if x_M_N.numel():
         M, N = x_M_N.shape
-        _softmax_kernel[(M,)](x_M_N, y, N, x_M_N.stride(0), y.stride(0), LOG=log, BLOCK=ROW_BLOCK)
+        _launch(_softmax_kernel, (M,))(x_M_N, y, N, x_M_N.stride(0), y.stride(0), LOG=log, BLOCK=ROW_BLOCK)
     return y.reshape(x.shape)
 
 
@@ -212,7 +221,7 @@ def sum_lastdim(x: torch.Tensor) -> torch.Tensor:
     x_M_N = _rows(x)
     y = torch.empty(x_M_N.shape[0], device=x.device, dtype=x.dtype)
     if x_M_N.shape[0]:
-        _rowsum_kernel[(x_M_N.shape[0],)](x_M_N, y, x_M_N.shape[1], x_M_N.stride(0), BLOCK=ROW_BLOCK)
+        _launch(_rowsum_kernel, (x_M_N.shape[0],))(x_M_N, y, x_M_N.shape[1], x_M_N.stride(0), BLOCK=ROW_BLOCK)
     return y.reshape(x.shape[:-1])
 
 
@@ -328,7 +337,7 @@ def attention(
         return o
     block_d = max(16, triton.next_power_of_2(D))
     grid = (B * H, triton.cdiv(T, ATTN_BLOCK_M))
-    _attention_kernel[grid](
+    _launch(_attention_kernel, grid)(
         q,
         k,
         v,
