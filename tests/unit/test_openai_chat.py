@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,6 @@ import pytest
 from treadle.api.openai.chat import end_of_turn_ids, parse_tool_calls, render_chat, supports_tools
 from treadle.api.openai.schemas import Message, Tool
 from treadle.errors import UserError
-from treadle.models.embedded import embedded_tokenizer_dir
 
 # A Hermes/Qwen-style template: tools in the system turn, calls as <tool_call>{json}</tool_call>.
 TOOL_TEMPLATE = (
@@ -37,10 +37,10 @@ WEATHER = Tool.model_validate(
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer() -> Any:
+def smol_tokenizer(tiny_model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))  # the real SmolLM2 tokenizer and chat template
 
 
 @pytest.fixture(scope="module")

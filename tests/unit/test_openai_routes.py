@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -25,7 +26,6 @@ from treadle.engine.types import (
     SamplingParams,
 )
 from treadle.errors import AuthError, NotFoundError
-from treadle.models.tiny import write_tiny_model
 
 BASE = "tiny-llama"
 ALICE_CKPT = "tinker://run-alice/sampler_weights/000010"
@@ -59,8 +59,8 @@ class OneEngineBackend:
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    e = Engine(str(write_tiny_model(tmp_path_factory.mktemp("tiny"))))
+def engine(tiny_model_dir: Path) -> Iterator[Engine]:
+    e = Engine(str(tiny_model_dir))
     yield e
     e.close()
 
