@@ -28,10 +28,18 @@ def base_model(tinker_server: ServerProcess) -> str:
     return tinker_server.model
 
 
+def _ints(xs: list[int]) -> types.TensorData:
+    return types.TensorData.from_numpy(np.array(xs, dtype=np.int64))
+
+
+def _floats(xs: list[float]) -> types.TensorData:
+    return types.TensorData.from_numpy(np.array(xs, dtype=np.float32))
+
+
 def _sl_datum(tokens: list[int]) -> types.Datum:
     return types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+        loss_fn_inputs={"target_tokens": _ints(tokens[1:]), "weights": _floats([1.0] * (len(tokens) - 1))},
     )
 
 
@@ -40,9 +48,9 @@ def _rl_datum(tokens: list[int], adv: float) -> types.Datum:
     return types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
         loss_fn_inputs={
-            "target_tokens": tokens[1:],
-            "logprobs": [-2.0] * n,
-            "advantages": [adv] * n,
+            "target_tokens": _ints(tokens[1:]),
+            "logprobs": _floats([-2.0] * n),
+            "advantages": _floats([adv] * n),
         },
     )
 
@@ -85,7 +93,7 @@ def test_training_loop_reduces_loss(sc: tinker.ServiceClient, base_model: str) -
 
 
 @pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "cispo", "dro"])
-def test_every_rl_loss(sc: tinker.ServiceClient, base_model: str, loss_fn: str) -> None:
+def test_every_rl_loss(sc: tinker.ServiceClient, base_model: str, loss_fn: types.LossFnType) -> None:
     tc = sc.create_lora_training_client(base_model=base_model, rank=4).result()
     out = tc.forward_backward([_rl_datum(PROMPT, 1.0), _rl_datum(PROMPT[:5], -0.5)], loss_fn).result()
     assert all(k.count(":") == 1 for k in out.metrics)
@@ -145,7 +153,10 @@ def test_sampling_features(sc: tinker.ServiceClient, base_model: str) -> None:
     assert res.topk_prompt_logprobs is not None and len(res.topk_prompt_logprobs) == len(PROMPT)
     top = res.topk_prompt_logprobs[1]
     assert top is not None and len(top) == 3
-    assert top[0][1] >= res.prompt_logprobs[1] - 1e-4  # the best alternative is at least the actual token
+    actual = res.prompt_logprobs[1]
+    assert (
+        actual is not None and top[0][1] >= actual - 1e-4
+    )  # the best alternative is at least the actual token
 
     lps = sampler.compute_logprobs(prompt).result()
     np.testing.assert_allclose(
