@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from treadle.store import CheckpointRow, MetadataStore, RunRow, SessionRow, utcn
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> MetadataStore:
+def store(tmp_path: Path) -> Iterator[MetadataStore]:
     s = MetadataStore(f"sqlite:///{tmp_path / 'meta.db'}")
     yield s
     s.close()
