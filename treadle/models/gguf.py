@@ -114,7 +114,7 @@ def _bytelevel_tokenizer(reader: Any) -> Any:
 
 def write_gguf_tokenizer(gguf_path: Path, directory: Path) -> None:
     """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
-    reader = _reader(gguf_path)
+    reader = _reader(gguf_path)  # opening parses every vocabulary entry (seconds): open once, pass it on
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         _write_tokenizer_via_transformers(gguf_path, directory)
         return

@@ -16,6 +16,22 @@ from pathlib import Path
 
 _OWNED = ".treadle-owned.json"  # lists the revisions treadle wrote; lives beside refs/, which the hub ignores
 _LINKED = {"model.safetensors"}  # large files are symlinked, the rest copied so they outlive a temp source
+# Optional files transformers probes for when loading a tokenizer/config/model by name. With the hub unreachable
+# (not HF_HUB_OFFLINE), a probe for a file absent from the snapshot is retried with backoff for ~30 s each,
+# unless the hub's own ".no_exist" marker says the file is known to be missing at that revision.
+PROBED_OPTIONAL = (
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "adapter_config.json",
+    "tokenizer.model",
+    "model.safetensors.index.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.json",
+)
 
 
 def hub_cache_dir() -> Path:
@@ -90,9 +106,21 @@ def register_snapshot(repo_id: str, directory: Path, hub_cache: Path | None = No
     if snap.exists():
         shutil.rmtree(snap)
     os.rename(tmp, snap)
-    # A "file does not exist" marker from an earlier, smaller registration would hide files added now.
-    shutil.rmtree(repo / ".no_exist" / rev, ignore_errors=True)
-    _atomic_write(repo / _OWNED, json.dumps(sorted({*owned, rev})))
+    _mark_missing(repo / ".no_exist" / rev, snap)
     ref.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(repo / _OWNED, json.dumps([rev]))
     _atomic_write(ref, rev)
+    for old in owned:  # earlier treadle registrations (e.g. tokenizer-only) are superseded
+        if old != rev:
+            shutil.rmtree(snaps / old, ignore_errors=True)
+            shutil.rmtree(repo / ".no_exist" / old, ignore_errors=True)
     return snap
+
+
+def _mark_missing(no_exist: Path, snap: Path) -> None:
+    # Rebuilt on every registration: a marker left from a smaller registration would hide a file added now.
+    shutil.rmtree(no_exist, ignore_errors=True)
+    no_exist.mkdir(parents=True)
+    for name in PROBED_OPTIONAL:
+        if not (snap / name).exists():
+            (no_exist / name).touch()

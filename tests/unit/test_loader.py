@@ -1,0 +1,111 @@
+"""`load_model` / `resolve_model_dir`: resolution by path and by HF-cache name, and the errors users get."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from treadle.errors import NotFoundError, UserError
+from treadle.models.hub_cache import find_snapshot, register_snapshot, repo_folder
+from treadle.models.loader import load_model, resolve_model_dir
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_directory_loads_frozen_in_eval_mode(tiny_model_dir: Path) -> None:
+    loaded = load_model(str(tiny_model_dir))
+    assert loaded.name == str(tiny_model_dir) and loaded.path == tiny_model_dir
+    assert loaded.config.family == "llama" and loaded.max_context_length == 2048
+    assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert loaded.tokenizer.eos_token == "<|im_end|>"
+    assert loaded.model.model.embed_tokens.weight.shape[0] == len(loaded.tokenizer)
+
+
+def test_unknown_name_names_every_searched_path(hub_cache: Path) -> None:
+    with pytest.raises(NotFoundError) as e:
+        resolve_model_dir("nobody/no-such-model")
+    assert str(repo_folder("nobody/no-such-model", hub_cache)) in e.value.message
+    assert "no-such-model" in e.value.message and e.value.field == "model"
+
+
+def test_missing_local_path_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError) as e:
+        resolve_model_dir(str(tmp_path / "absent"))
+    assert str(tmp_path / "absent") in e.value.message
+
+
+def test_directory_without_safetensors_is_a_user_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "no-weights"
+    d.mkdir()
+    shutil.copy2(tiny_model_dir / "config.json", d / "config.json")
+    with pytest.raises(UserError, match="safetensors"):
+        load_model(str(d))
+
+
+def test_directory_without_config_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "allowed"), [("dtype", "float64", "bfloat16"), ("device", "tpu", "cuda")]
+)
+def test_bad_dtype_or_device_is_a_user_error(
+    tiny_model_dir: Path, field: str, bad: str, allowed: str
+) -> None:
+    with pytest.raises(UserError) as e:
+        load_model(str(tiny_model_dir), **{field: bad})
+    # the message names the field, the rejected value and what is allowed
+    assert e.value.field == field and bad in e.value.message and allowed in e.value.message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_without_cuda_is_a_user_error(tiny_model_dir: Path) -> None:
+    with pytest.raises(UserError, match="CUDA"):
+        load_model(str(tiny_model_dir), device="cuda")
+
+
+def test_name_resolves_through_the_hf_cache(tiny_model_dir: Path, hub_cache: Path) -> None:
+    snap = register_snapshot("treadle-test/tiny-llama", tiny_model_dir, hub_cache)
+    assert snap is not None and (hub_cache / "models--treadle-test--tiny-llama" / "refs" / "main").is_file()
+    loaded = load_model("treadle-test/tiny-llama")
+    assert loaded.name == "treadle-test/tiny-llama" and loaded.path == snap
+    direct = load_model(str(tiny_model_dir))
+    tokens = torch.tensor([loaded.tokenizer.encode("hello there")])
+    with torch.no_grad():
+        assert torch.equal(
+            loaded.model.logits(loaded.model(tokens)), direct.model.logits(direct.model(tokens))
+        )
+
+
+def test_registration_never_clobbers_a_real_snapshot(tiny_model_dir: Path, hub_cache: Path) -> None:
+    repo = repo_folder("org/model", hub_cache)
+    real = repo / "snapshots" / ("a" * 40)
+    real.mkdir(parents=True)
+    (real / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+
+    assert register_snapshot("org/model", tiny_model_dir, hub_cache) is None
+    assert (repo / "refs" / "main").read_text() == "a" * 40
+    assert sorted(p.name for p in (repo / "snapshots").iterdir()) == ["a" * 40]
+    assert find_snapshot("org/model", hub_cache) == real
+
+
+def test_reregistration_replaces_only_treadles_own_snapshot(
+    tiny_model_dirs: dict[str, Path], hub_cache: Path
+) -> None:
+    first = register_snapshot("org/model", tiny_model_dirs["llama"], hub_cache)
+    second = register_snapshot("org/model", tiny_model_dirs["qwen3"], hub_cache)
+    assert first is not None and second is not None and first != second
+    assert not first.exists() and find_snapshot("org/model", hub_cache) == second
+    assert resolve_model_dir("org/model") == second
