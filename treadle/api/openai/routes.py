@@ -61,7 +61,7 @@ def _resolve(backend: OpenAIBackend, model: str, owner: str) -> tuple[Engine, st
     except NotFoundError as e:
         served = ", ".join(backend.served_models(owner)) or "none"
         raise NotFoundError(
-            f"model: {e.message}. Served models: {served}; a trained adapter is addressed by its "
+            f"model: {e.message.removeprefix('model: ')}. Served models: {served}; a trained adapter is addressed by its "
             "tinker://…/sampler_weights/… or …/weights/… path",
             field="model",
         ) from None
