@@ -13,8 +13,9 @@ Why each op is invariant (checked by tests/unit/test_ops_invariance.py, which is
 - softmax / log_softmax: ATen's last-dim softmax kernels reduce each row on its own with row-relative
   vectorisation (one row never shares an accumulator with another), so the dim is moved last.
 - attention: fixed-size KV splits aligned to absolute key position 0 (FlashDecoding with a fixed split
-  *size*). Each split's scores and p·v are small GEMMs of a fixed shape; splits are merged by a sequential
-  left fold, so fully masked trailing splits (a longer batch-mate, a longer prefill) add exact zeros.
+  *size*). Each split's scores and p·v are row-aligned GEMMs with fixed N and K; splits are merged in order
+  with an online softmax, so a fully masked split (a longer batch-mate, a longer prefill, the causal
+  future) leaves the running max alone and multiplies by exp(0) = 1 and adds exact zeros.
 
 Everything is differentiable torch, so autograd gives the backward pass; the stabilising maxima are detached,
 which is exact because softmax does not depend on them.
@@ -27,10 +28,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-ROW_ALIGN = 8
+ROW_ALIGN = 4
 ROW_CHUNK = 1024
 KV_SPLIT = 64
-_FOLD = 8  # the fold does at most this many elementwise slice adds before halving
+_FOLD = 2  # slices added before halving: few elementwise ops, at most 2× padding
 
 
 def _pad_rows(x_M_K: torch.Tensor) -> torch.Tensor:
@@ -135,41 +136,52 @@ def attention(
     mask_B_T_S: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Split-KV attention with `KV_SPLIT`-key splits from absolute position 0, merged by a left fold."""
+    """Split-KV attention: `KV_SPLIT`-key splits from absolute position 0, merged in order (online softmax).
+
+    A split is skipped for the leading query rows (in `ROW_ALIGN` steps) that may attend none of its keys in
+    any batch row; that is bitwise the same as merging it, which would multiply by exp(0) = 1 and add 0.
+    """
     B, H, T, d = q_B_H_T_d.shape
     S = k_B_H_S_d.shape[2]
     n = max(1, -(-S // KV_SPLIT))
     s_pad = n * KV_SPLIT - S
     t_pad = (-T) % ROW_ALIGN
     Tp = T + t_pad
-    q = F.pad(q_B_H_T_d, (0, 0, 0, t_pad)) if t_pad else q_B_H_T_d
+    q = ((F.pad(q_B_H_T_d, (0, 0, 0, t_pad)) if t_pad else q_B_H_T_d) * scale).contiguous()
     k = F.pad(k_B_H_S_d, (0, 0, 0, s_pad)) if s_pad else k_B_H_S_d
     v = F.pad(v_B_H_S_d, (0, 0, 0, s_pad)) if s_pad else v_B_H_S_d
+    # split-major views (no copy): each split's matrices are dense, only the batch stride is S·d
+    kT_n_X_d_N = k.reshape(B * H, n, KV_SPLIT, d).permute(1, 0, 3, 2)
+    v_n_X_N_d = v.reshape(B * H, n, KV_SPLIT, d).transpose(0, 1)
     mask = F.pad(mask_B_T_S, (0, s_pad, 0, t_pad), value=False) if (s_pad or t_pad) else mask_B_T_S
+    mask_B_Tp_n_N = mask.reshape(B, Tp, n, KV_SPLIT)
+    # first query row (rounded down to ROW_ALIGN) that may attend anything in split j, or Tp if none
+    any_Tp_n = mask_B_Tp_n_N.any(-1).any(0)
+    first_n = torch.where(
+        any_Tp_n.any(0), any_Tp_n.int().argmax(0), torch.full_like(any_Tp_n[0], Tp, dtype=torch.long)
+    )
+    starts = [int(r) - int(r) % ROW_ALIGN for r in first_n.tolist()]
 
-    # (B·H·n) fixed-shape products: (Tp, d) @ (d, KV_SPLIT) and (Tp, KV_SPLIT) @ (KV_SPLIT, d)
-    q_X_T_d = q[:, :, None].expand(B, H, n, Tp, d).reshape(B * H * n, Tp, d)
-    k_X_d_N = k.reshape(B * H * n, KV_SPLIT, d).transpose(1, 2)
-    v_X_N_d = v.reshape(B * H * n, KV_SPLIT, d).contiguous()
-    scores = bmm(q_X_T_d, k_X_d_N).view(B, H, n, Tp, KV_SPLIT) * scale
-    allowed = mask.view(B, Tp, n, KV_SPLIT).transpose(1, 2)[:, None]  # (B, 1, n, Tp, KV_SPLIT)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-
-    m_j = scores.amax(-1).detach()  # (B, H, n, Tp); max is exact, so its order does not matter
-    m_j_safe = torch.where(torch.isinf(m_j), torch.zeros_like(m_j), m_j)
-    p = torch.exp(scores - m_j_safe[..., None])  # masked entries are exactly 0
-    l_j = fold_sum_lastdim(p)
-    pv = bmm(p.reshape(B * H * n, Tp, KV_SPLIT), v_X_N_d).view(B, H, n, Tp, d)
-
-    m_all = m_j.amax(2)  # (B, H, Tp)
-    m_all_safe = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
-    w_j = torch.exp(m_j - m_all_safe[:, :, None])  # a fully masked split weighs exactly 0
-    num = w_j[:, :, 0, :, None] * pv[:, :, 0]
-    den = w_j[:, :, 0] * l_j[:, :, 0]
-    for j in range(1, n):
-        num = num + w_j[:, :, j, :, None] * pv[:, :, j]
-        den = den + w_j[:, :, j] * l_j[:, :, j]
+    num = q.new_zeros(B, H, Tp, d, dtype=torch.float32)
+    den = q.new_zeros(B, H, Tp, dtype=torch.float32)
+    m = q.new_full((B, H, Tp), float("-inf"), dtype=torch.float32)
+    for j, r in enumerate(starts):
+        if r >= Tp:
+            continue
+        rows = Tp - r
+        s = bmm(q[:, :, r:].reshape(B * H, rows, d), kT_n_X_d_N[j]).view(B, H, rows, KV_SPLIT).float()
+        s = s.masked_fill(~mask_B_Tp_n_N[:, r:, j, None].transpose(1, 2), float("-inf"))
+        m_old = m[:, :, r:]
+        m_new = torch.maximum(m_old, s.amax(-1).detach())  # max is exact: its order cannot matter
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m_old - m_safe)  # exactly 1 when this split changes nothing for the row
+        p = torch.exp(s - m_safe[..., None])  # masked entries are exactly 0
+        pv = bmm(p.reshape(B * H, rows, KV_SPLIT).to(v.dtype), v_n_X_N_d[j])
+        num_r = num[:, :, r:] * alpha[..., None] + pv.view(B, H, rows, d).float()
+        den_r = den[:, :, r:] * alpha + fold_sum_lastdim(p)
+        num = torch.cat([num[:, :, :r], num_r], dim=2) if r else num_r
+        den = torch.cat([den[:, :, :r], den_r], dim=2) if r else den_r
+        m = torch.cat([m[:, :, :r], m_new], dim=2) if r else m_new
     # padded query rows attend nothing; a 0 denominator there would poison the backward with NaN
     den = torch.where(den == 0, torch.ones_like(den), den)
-    out = num / den[..., None]
-    return out[:, :, :T].to(q_B_H_T_d.dtype)
+    return (num / den[..., None])[:, :, :T].to(q_B_H_T_d.dtype)
