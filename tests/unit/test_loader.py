@@ -11,6 +11,7 @@ import torch
 from treadle.errors import NotFoundError, UserError
 from treadle.models.hub_cache import find_snapshot, register_snapshot, repo_folder
 from treadle.models.loader import load_model, resolve_model_dir
+from treadle.models.tiny import write_tiny_gguf, write_tiny_model
 
 
 @pytest.fixture
@@ -109,3 +110,28 @@ def test_reregistration_replaces_only_treadles_own_snapshot(
     assert first is not None and second is not None and first != second
     assert not first.exists() and find_snapshot("org/model", hub_cache) == second
     assert resolve_model_dir("org/model") == second
+
+
+@pytest.mark.slow
+def test_gguf_file_converts_once_and_matches_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = write_tiny_model(tmp_path / "src", "llama", seed=3)
+    gguf_path = write_tiny_gguf(src, tmp_path / "tiny.gguf")
+    loaded = load_model(str(gguf_path))
+    assert loaded.name == str(gguf_path) and loaded.path != src
+
+    source_tok = AutoTokenizer.from_pretrained(str(src))
+    text = "Hello 12345 wörld <|im_start|>user\n  tabs\there"
+    assert loaded.tokenizer.encode(text) == source_tok.encode(text)
+    assert loaded.tokenizer.chat_template == source_tok.chat_template
+
+    hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    tokens = torch.tensor([source_tok.encode("The capital of France is Paris, and 12345.")])
+    with torch.no_grad():
+        diff = (loaded.model.logits(loaded.model(tokens)) - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-4  # llama.cpp's q/k permutation is undone on conversion
+
+    before = {p.name: p.stat().st_mtime_ns for p in loaded.path.iterdir()}
+    assert resolve_model_dir(str(gguf_path)) == loaded.path
+    assert {p.name: p.stat().st_mtime_ns for p in loaded.path.iterdir()} == before

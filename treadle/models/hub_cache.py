@@ -91,6 +91,8 @@ def register_snapshot(repo_id: str, directory: Path, hub_cache: Path | None = No
         current = ref.read_text().strip()
         if current not in owned and (repo / "snapshots" / current).is_dir():
             return None  # the user's real download wins
+        if current == rev and _same_files(repo / "snapshots" / rev, directory):
+            return repo / "snapshots" / rev  # rewriting would race with processes reading it right now
     snaps = repo / "snapshots"
     snaps.mkdir(parents=True, exist_ok=True)
     tmp = snaps / f".tmp-{uuid.uuid4().hex[:8]}"
@@ -115,6 +117,14 @@ def register_snapshot(repo_id: str, directory: Path, hub_cache: Path | None = No
             shutil.rmtree(snaps / old, ignore_errors=True)
             shutil.rmtree(repo / ".no_exist" / old, ignore_errors=True)
     return snap
+
+
+def _registered_names(directory: Path) -> set[str]:
+    return {f.name for f in directory.iterdir() if f.is_file() and not f.name.startswith(".")}
+
+
+def _same_files(snap: Path, directory: Path) -> bool:
+    return snap.is_dir() and _registered_names(snap) == _registered_names(directory)
 
 
 def _mark_missing(no_exist: Path, snap: Path) -> None:
