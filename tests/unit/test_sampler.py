@@ -352,3 +352,65 @@ def test_futures_are_standard(sampler: Sampler) -> None:
     fut = sampler.submit(req([1, 2], max_tokens=2))
     assert isinstance(fut, concurrent.futures.Future)
     assert len(fut.result().sequences[0].tokens) <= 2
+
+
+def test_round_of_new_prompts_is_prefilled_in_one_batch(model: CausalLM) -> None:
+    lock = threading.Lock()
+    s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX, lock=lock)
+    try:
+        with lock:  # everything is queued before the worker's second round
+            futs = [s.submit(req(p, max_tokens=6, temperature=0.0, stop=())) for p in PROMPTS]
+        res = [f.result() for f in futs]
+    finally:
+        s.close()
+    assert s.stats.prefill_calls <= 2  # the worker may have picked up the first request alone
+    assert s.stats.prefill_tokens == sum(len(p) for p in PROMPTS)
+    for p, r in zip(PROMPTS, res, strict=True):  # ragged rows: padding is neither stored nor attended
+        assert r.sequences[0].tokens == greedy_no_cache(model, p, 6)
+
+
+def test_prompt_logprobs_with_many_samples(model: CausalLM, sampler: Sampler) -> None:
+    prompt = [9, 8, 7, 6, 5, 4]
+    before = sampler.stats.prefill_tokens
+    r = SampleRequest(
+        None, prompt, SamplingParams(max_tokens=3, seed=1, stop=()), num_samples=3, prompt_logprobs=True
+    )
+    res = sampler.generate(r)
+    assert sampler.stats.prefill_tokens - before == len(prompt)
+    assert res.prompt_logprobs is not None and res.topk_prompt_logprobs is None
+    assert torch.allclose(
+        torch.tensor(res.prompt_logprobs[1:]), forward_logprobs(model, prompt)[1:], atol=1e-5
+    )
+    assert len(res.sequences) == 3
+
+
+def test_kv_cache_growth_keeps_contents() -> None:
+    from treadle.engine.kv_cache import SlotKVCache
+
+    c = SlotKVCache(
+        2,
+        1,
+        4,
+        max_slots=8,
+        max_len=64,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        initial_slots=1,
+        initial_len=4,
+    )
+    k = torch.randn(1, 1, 3, 4)
+    step = c.step([0], [0], [3])
+    step.update(1, k, -k)
+    step = c.step([5, 2], [1, 30], [2, 1])  # grows slots to 8 and length to 32
+    assert c.num_slots == 8 and c.capacity == 32
+    assert torch.equal(c.k[1, 0, :, :3], k[0]) and torch.equal(c.v[1, 0, :, :3], -k[0])
+    # ragged rows: row 0 (2 tokens from 1) sees keys 0..1 then 0..2; row 1's padding query sees only its keys
+    assert step.mask_B_T_S.shape == (2, 2, 31)
+    assert step.mask_B_T_S[0].sum(-1).tolist() == [2, 3]
+    assert step.mask_B_T_S[1].sum(-1).tolist() == [31, 31]
+    k2 = torch.randn(2, 1, 2, 4)
+    keys, _ = step.update(0, k2, k2)
+    assert torch.equal(keys[0, :, 1:3], k2[0]) and torch.equal(keys[1, :, 30], k2[1, :, 0])
+    assert torch.equal(c.k[0, 2, :, 31], torch.zeros(1, 4))  # row 1's padding was not stored
+    c.copy_prefix(5, 6, 3)
+    assert torch.equal(c.k[0, 6, :, :3], c.k[0, 5, :, :3])

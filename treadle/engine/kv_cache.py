@@ -73,22 +73,23 @@ class SlotKVCache:
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
 
-    def step(self, slots: list[int], starts: list[int], num_tokens: int) -> CacheStep:
-        """A hook for one model call: row b writes `num_tokens` new tokens to slot `slots[b]` from `starts[b]`."""
-        self.ensure(max(slots) + 1, max(starts) + num_tokens)
-        return CacheStep(self, slots, starts, num_tokens)
+    def step(self, slots: list[int], starts: list[int], lengths: list[int]) -> CacheStep:
+        """A hook for one model call: row b writes `lengths[b]` new tokens to slot `slots[b]` from `starts[b]`
+        (rows shorter than the longest are right-padded; their padding is neither stored nor attended)."""
+        self.ensure(max(slots) + 1, max(a + n for a, n in zip(starts, lengths, strict=True)))
+        return CacheStep(self, slots, starts, lengths)
 
 
 class CacheStep:
     """The `KVCacheHook` of one model call, with the matching `positions_B_T` and `mask_B_T_S` (True = may
     attend): query t of row b sits at position starts[b] + t and sees keys 0..starts[b] + t of its own slot."""
 
-    def __init__(self, cache: SlotKVCache, slots: list[int], starts: list[int], num_tokens: int) -> None:
+    def __init__(self, cache: SlotKVCache, slots: list[int], starts: list[int], lengths: list[int]) -> None:
         dev = cache.device
         self.cache = cache
-        T = num_tokens
-        self.S = max(starts) + T
-        B = len(slots)
+        B, T = len(slots), max(lengths)
+        ends = [a + n for a, n in zip(starts, lengths, strict=True)]
+        self.S = max(ends)
         lo = slots[0]
         # A run of consecutive slots is read as a view; anything else needs a gather (a copy).
         self._contiguous = slots == list(range(lo, lo + B))
@@ -96,17 +97,35 @@ class CacheStep:
         self.slots_B = torch.tensor(slots, device=dev)
         starts_B = torch.tensor(starts, device=dev)
         self.positions_B_T = starts_B[:, None] + torch.arange(T, device=dev)[None, :]
-        self.mask_B_T_S = torch.arange(self.S, device=dev)[None, None, :] <= self.positions_B_T[:, :, None]
+        last_B_T = self.positions_B_T
+        self._valid_B_T: torch.Tensor | None = None
+        if min(lengths) < T:
+            lengths_B = torch.tensor(lengths, device=dev)
+            self._valid_B_T = torch.arange(T, device=dev)[None, :] < lengths_B[:, None]
+            # a padding query looks at its row's real keys only (its output is discarded; it just must not be
+            # a fully masked row)
+            last_B_T = torch.minimum(last_B_T, (torch.tensor(ends, device=dev) - 1)[:, None])
+        self.mask_B_T_S = torch.arange(self.S, device=dev)[None, None, :] <= last_B_T[:, :, None]
 
     def update(
         self, layer: int, k_B_H_T_d: torch.Tensor, v_B_H_T_d: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache
         k_all, v_all = c.k[layer], c.v[layer]  # (slots, H, capacity, d)
-        idx_slot, idx_pos = self.slots_B[:, None], self.positions_B_T
-        # Advanced indices around a slice put (B, T) first: the stored value is (B, T, H, d).
-        k_all[idx_slot, :, idx_pos] = k_B_H_T_d.transpose(1, 2).to(c.dtype)
-        v_all[idx_slot, :, idx_pos] = v_B_H_T_d.transpose(1, 2).to(c.dtype)
+        k_B_T_H_d = k_B_H_T_d.transpose(1, 2).to(c.dtype)
+        v_B_T_H_d = v_B_H_T_d.transpose(1, 2).to(c.dtype)
+        idx_slot, idx_pos = self.slots_B[:, None].expand_as(self.positions_B_T), self.positions_B_T
+        if self._valid_B_T is not None:
+            valid = self._valid_B_T
+            idx_slot, idx_pos, k_B_T_H_d, v_B_T_H_d = (
+                idx_slot[valid],
+                idx_pos[valid],
+                k_B_T_H_d[valid],
+                v_B_T_H_d[valid],
+            )
+        # Advanced indices around a slice put the indexed dims first: the stored value is (B, T, H, d).
+        k_all[idx_slot, :, idx_pos] = k_B_T_H_d
+        v_all[idx_slot, :, idx_pos] = v_B_T_H_d
         if self._contiguous:
             B = self.slots_B.shape[0]
             return k_all[self._lo : self._lo + B, :, : self.S], v_all[self._lo : self._lo + B, :, : self.S]

@@ -29,6 +29,8 @@ from treadle.models import CausalLM, LoraHook
 
 # Prompt logprobs are computed over chunks of positions so a long prompt never holds (T × vocab) fp32 at once.
 _PROMPT_LOGPROB_CHUNK = 256
+# A row waits for a batch-mate's prefill (one more model call) only when that shares this many more tokens.
+_MIN_SHARED_PREFILL = 16
 
 
 def validate_request(
@@ -80,6 +82,7 @@ class SamplerStats:
     """Counters for tests and metrics: how much work the model did."""
 
     prefill_tokens: int = 0  # prompt tokens run through the model (cache hits excluded)
+    prefill_calls: int = 0
     decode_steps: int = 0
     decode_tokens: int = 0
 
@@ -113,6 +116,7 @@ class _Slot:
     tokens: list[int]
     adapter_id: str | None
     owner: _Request
+    ready: bool = True  # False while its prompt KV waits for this round's batched prefill
 
 
 @dataclasses.dataclass(eq=False)
@@ -124,6 +128,12 @@ class _Row:
     next_token: int = -1  # sampled, not yet in the KV cache
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class _Prefill:
+    row: _Row
+    start: int  # the first prompt position whose KV is not in the row's slot yet
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -253,21 +263,57 @@ class Sampler:
     def _hook(self, adapter_ids: Sequence[str | None]) -> LoraHook | None:
         return self._lora_hook(adapter_ids)
 
-    # admission: prefill (or reuse) the prompt, then draw each new row's first token --------------------------
+    # admission: place new rows, prefill their prompts in one batched call, draw their first tokens -----------
     def _admit_waiting(self) -> None:
+        pending: list[_Prefill] = []
+        new_rows: list[_Row] = []
         while self._waiting and len(self._rows) < self.max_batch_size:
             r = self._waiting[0]
             if r.done:
                 self._waiting.popleft()
                 continue
+            src, p, src_pending = self._best_prefix(r)
+            # A sibling's prompt (its logits) or a much longer shared prefix is still being prefilled in this
+            # round: run the round's prefill first, then place this row against the written KV.
+            if src_pending or any(pf.row.request is r for pf in pending):
+                self._flush(pending)
+                pending = []
+                continue
             index = r.next_sample
             r.next_sample += 1
             if r.next_sample >= r.req.num_samples:
                 self._waiting.popleft()
-            try:
-                self._admit(r, index)
-            except Exception as e:  # noqa: BLE001 - any failure resolves this request's future (Invariant 4)
-                self._fail(r, e)
+            row, pf = self._place(r, index, src, p)
+            new_rows.append(row)
+            if pf is not None:
+                pending.append(pf)
+        self._flush(pending)
+        live = [row for row in new_rows if not row.request.done]
+        if live:
+            logits_B_V = torch.stack([row.request.last_logits_V for row in live])  # type: ignore[misc]
+            self._sample_and_accept(live, logits_B_V)
+
+    def _best_prefix(self, r: _Request) -> tuple[int | None, int, bool]:
+        """The slot sharing the longest prompt prefix with `r` (same adapter, owner in flight), the usable length,
+        and whether that slot's KV is only pending (to be written by this round's prefill)."""
+        prompt = r.req.prompt
+        n = len(prompt)
+        # Prompt logprobs need logits at every prompt position, so their first prefill runs the whole prompt.
+        if r.wants_prompt_logprobs and r.prompt_logprobs is None and r.topk_prompt_logprobs is None:
+            return None, 0, any(info.owner is r and not info.ready for info in self._slots.values())
+        # The last prompt position's logits must come from somewhere: a sibling's, or a fresh prefill.
+        limit = n if r.last_logits_V is not None else n - 1
+        best: tuple[int | None, int] = (None, 0)
+        best_pending = 0
+        for slot, info in self._slots.items():
+            if info.owner.done or info.adapter_id != r.req.adapter_id:
+                continue
+            p = min(_common_prefix(info.tokens, prompt), limit)
+            if not info.ready:
+                best_pending = max(best_pending, p)
+            elif p > best[1]:
+                best = (slot, p)
+        return best[0], best[1], best_pending >= best[1] + _MIN_SHARED_PREFILL
 
     def _free_slot(self, prefer: int | None) -> int:
         used = {row.slot for row in self._rows}
@@ -278,57 +324,69 @@ class Sampler:
         idle = [s for s in free if s not in self._slots or self._slots[s].owner.done]
         return (idle or free)[0]
 
-    def _best_prefix(self, r: _Request) -> tuple[int | None, int]:
-        best_slot, best = None, 0
-        for slot, info in self._slots.items():
-            if info.owner.done or info.adapter_id != r.req.adapter_id:
-                continue
-            p = _common_prefix(info.tokens, r.req.prompt)
-            if p > best:
-                best_slot, best = slot, p
-        return best_slot, best
-
-    def _admit(self, r: _Request, index: int) -> None:
+    def _place(self, r: _Request, index: int, src: int | None, p: int) -> tuple[_Row, _Prefill | None]:
+        """Give sample `index` of `r` a slot holding the first `p` prompt tokens' KV (copied from `src`); the
+        rest of the prompt, if any, is returned as a prefill to run."""
         prompt = r.req.prompt
         n = len(prompt)
-        src, p = (None, 0)
-        # Prompt logprobs need logits at every prompt position, so their first prefill runs the whole prompt.
-        if not (r.wants_prompt_logprobs and r.prompt_logprobs is None and r.topk_prompt_logprobs is None):
-            src, p = self._best_prefix(r)
-            # The last prompt position's logits must come from somewhere: a sibling's, or a fresh prefill.
-            p = min(p, n if r.last_logits_V is not None else n - 1)
         slot = self._free_slot(src if p > 0 else None)
         self._cache.ensure(slot + 1, n)
         if src is not None and p > 0:
             self._cache.copy_prefix(src, slot, p)
-        self._slots[slot] = _Slot(list(prompt[:p]), r.req.adapter_id, r)
         if index == 0:
             r.prompt_cache_hit_tokens = p
-        if p < n:
-            r.last_logits_V = self._prefill(r, slot, p)
-        assert r.last_logits_V is not None
-        temp = r.req.params.temperature
-        row = _Row(r, index, slot, make_generator(r.seed, index, self.device) if temp > 0 else None)
+        gen = make_generator(r.seed, index, self.device) if r.req.params.temperature > 0 else None
+        row = _Row(r, index, slot, gen)
         self._rows.append(row)
-        self._sample_and_accept([row], r.last_logits_V[None, :])
+        self._slots[slot] = _Slot(list(prompt), r.req.adapter_id, r, ready=p == n)
+        return row, (_Prefill(row, p) if p < n else None)
 
-    def _prefill(self, r: _Request, slot: int, start: int) -> torch.Tensor:
-        """Run prompt[start:] into `slot`; returns the last position's logits (V,) and fills prompt logprobs."""
-        prompt = r.req.prompt
-        suffix = prompt[start:]
-        step = self._cache.step([slot], [start], len(suffix))
-        tokens_1_T = torch.tensor([suffix], device=self.device)
+    def _flush(self, pending: list[_Prefill]) -> None:
+        """Run the round's prefills as one batch; if that fails, one by one, so only the culprit fails."""
+        if not pending:
+            return
+        try:
+            self._prefill(pending)
+            return
+        except Exception as e:  # noqa: BLE001 - every failure resolves a future (Invariant 4)
+            if len(pending) == 1:
+                self._fail(pending[0].row.request, e)
+                return
+        for pf in pending:
+            try:
+                self._prefill([pf])
+            except Exception as e:  # noqa: BLE001
+                self._fail(pf.row.request, e)
+
+    def _prefill(self, pending: list[_Prefill]) -> None:
+        """prompt[start:] of every pending row into its slot (right-padded batch); sets each request's last
+        prompt logits and, where asked, its prompt logprobs."""
+        pending = [pf for pf in pending if not pf.row.request.done]
+        if not pending:
+            return
+        suffixes = [pf.row.request.req.prompt[pf.start :] for pf in pending]
+        lengths = [len(x) for x in suffixes]
+        T = max(lengths)
+        tokens_B_T = torch.tensor([x + [0] * (T - len(x)) for x in suffixes], device=self.device)
+        step = self._cache.step([pf.row.slot for pf in pending], [pf.start for pf in pending], lengths)
         with self._lock:
-            hook = self._hook([r.req.adapter_id])
-            hidden_1_T_D = self.model(
-                tokens_1_T, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook, cache=step
+            hook = self._hook([pf.row.request.req.adapter_id for pf in pending])
+            hidden_B_T_D = self.model(
+                tokens_B_T, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook, cache=step
             )
-            last_V = self.model.logits(hidden_1_T_D[:, -1:], hook)[0, -1]
-            if r.wants_prompt_logprobs and start == 0:
-                self._prompt_logprobs(r, hidden_1_T_D, hook)
-        self._slots[slot].tokens.extend(suffix)
-        self.stats.prefill_tokens += len(suffix)
-        return last_V
+            last_B = torch.tensor([n - 1 for n in lengths], device=self.device)
+            rows_B = torch.arange(len(pending), device=self.device)
+            last_B_V = self.model.logits(hidden_B_T_D[rows_B, last_B][:, None], hook)[:, 0]
+            for b, pf in enumerate(pending):
+                r = pf.row.request
+                if r.wants_prompt_logprobs and pf.start == 0 and r.prompt_logprobs is None:
+                    row_hook = self._hook([r.req.adapter_id])
+                    self._prompt_logprobs(r, hidden_B_T_D[b : b + 1, : lengths[b]], row_hook)
+        for b, pf in enumerate(pending):
+            pf.row.request.last_logits_V = last_B_V[b]
+            self._slots[pf.row.slot].ready = True
+        self.stats.prefill_tokens += sum(lengths)
+        self.stats.prefill_calls += 1
 
     def _prompt_logprobs(self, r: _Request, hidden_1_T_D: torch.Tensor, hook: LoraHook | None) -> None:
         prompt = r.req.prompt
@@ -357,7 +415,7 @@ class Sampler:
         starts = [len(self._slots[s].tokens) for s in slots]
         tokens_B_1 = torch.tensor([[row.next_token] for row in rows], device=self.device)
         try:
-            step = self._cache.step(slots, starts, 1)
+            step = self._cache.step(slots, starts, [1] * len(slots))
             with self._lock:
                 hook = self._batch_hook(rows)
                 if len(hook[1]) != len(rows):  # some rows' adapters are gone; they were failed
