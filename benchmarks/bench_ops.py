@@ -26,14 +26,16 @@ def _time(fn: Callable[[], object], device: str, reps: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
 
+    # On CPU, process CPU time: wall time on a shared machine measures the neighbours (use --threads 1).
+    clock = time.perf_counter if device == "cuda" else time.process_time
     fn()
     sync()
     samples = []
     for _ in range(reps):
-        t0 = time.perf_counter() if device == "cuda" else time.process_time()
+        t0 = clock()
         fn()
         sync()
-        samples.append(time.perf_counter() if device == "cuda" else time.process_time() - t0)
+        samples.append(clock() - t0)
     return min(samples)  # the least-disturbed run: the machine may be shared
 
 

@@ -98,6 +98,19 @@ def test_sum_row_invariant(L: int) -> None:
     assert torch.equal(BI.sum(x3[2:3, :, 4:5], dim=1)[0, 0], full[2, 4])
 
 
+@pytest.mark.parametrize("width", [37, 1536])
+def test_silu_row_invariant_and_accurate(width: int) -> None:
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(64, width, generator=g) * 6
+    _rows_alone_vs_batched(BI.silu, x, random.Random(width))
+    assert torch.allclose(BI.silu(x), torch.nn.functional.silu(x), rtol=1e-5, atol=1e-6)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(BI.silu(xg).sum(), xg)
+    xf = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(torch.nn.functional.silu(xf).sum(), xf)
+    assert torch.allclose(grad, want, rtol=1e-5, atol=1e-6)
+
+
 def _causal(T: int, S: int) -> torch.Tensor:
     return torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
 

@@ -132,6 +132,12 @@ class BatchInvariantOps:
             )
         return cpu.log_softmax(x, dim)
 
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """Not (yet) in the `Ops` protocol: the gated MLP's activation, invariant on CPU (see `cpu_invariant`)."""
+        if _use_triton(x):
+            return torch.nn.functional.silu(x)  # CUDA elementwise kernels compute every element alike
+        return cpu.silu(x)
+
     def sum(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if _use_triton(x):
             kernels = _triton()

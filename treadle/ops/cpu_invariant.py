@@ -121,6 +121,13 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight.float() * y).to(x.dtype)
 
 
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """x·sigmoid(x) from exp, add and div, each of which gives the same bits in ATen's vectorised body and
+    its scalar tail; `F.silu` does not, so its result for an element depends on where the element falls
+    relative to a thread chunk's end (odd widths, odd thread counts)."""
+    return x / (1 + torch.exp(-x))
+
+
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.softmax(x.movedim(dim, -1).contiguous(), dim=-1).movedim(-1, dim)
 
