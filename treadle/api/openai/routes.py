@@ -118,13 +118,13 @@ async def chat_completions(backend: OpenAIBackend, request: Request) -> Response
         )
     body = {
         **head,
-        "choices": [_chat_choice(engine, i, c, calls[i], req.logprobs) for i, c in enumerate(choices)],
+        "choices": [chat_choice(engine, i, c, calls[i], req.logprobs) for i, c in enumerate(choices)],
         "usage": use,
     }
     return JSONResponse(body)
 
 
-def _chat_choice(engine: Engine, i: int, c: Choice, call: tuple[str | None, list[Any]], logprobs: bool):
+def chat_choice(engine: Engine, i: int, c: Choice, call: tuple[str | None, list[Any]], logprobs: bool):
     content, found = call
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if found:
