@@ -59,9 +59,12 @@ def main(device: str = "cpu", reps: int = 7, threads: int = 0) -> None:
     causal = torch.ones(512, 512, dtype=torch.bool, device=device).tril()[None]
     cases["attention prefill T=512"] = lambda o: o.attention(q, k, v, causal, HD**-0.5)
     qd = torch.randn(16, H, 1, HD, device=device, dtype=dtype)
-    kd, vd = (torch.randn(16, H, 512, HD, device=device, dtype=dtype) for _ in range(2))
-    ones = torch.ones(16, 1, 512, dtype=torch.bool, device=device)
-    cases["attention decode B=16 S=512"] = lambda o: o.attention(qd, kd, vd, ones, HD**-0.5)
+    for S in (128, 512):
+        kd, vd = (torch.randn(16, H, S, HD, device=device, dtype=dtype) for _ in range(2))
+        ones = torch.ones(16, 1, S, dtype=torch.bool, device=device)
+        cases[f"attention decode B=16 S={S}"] = lambda o, kd=kd, vd=vd, ones=ones: o.attention(
+            qd, kd, vd, ones, HD**-0.5
+        )
     hs = torch.randn(512, D, device=device, dtype=dtype)
     cases["rmsnorm M=512"] = lambda o: o.rmsnorm(hs, hs[0], 1e-5)
     logits = torch.randn(512, VOCAB, device=device)
@@ -89,7 +92,8 @@ def main(device: str = "cpu", reps: int = 7, threads: int = 0) -> None:
 
     for label, M, attn in [
         ("prefill/train step, 512 tokens", 512, "attention prefill T=512"),
-        ("decode step, 16 sequences", 16, "attention decode B=16 S=512"),
+        ("decode step, 16 seqs, S=128", 16, "attention decode B=16 S=128"),
+        ("decode step, 16 seqs, S=512", 16, "attention decode B=16 S=512"),
     ]:
         f, i = step("fast", M, attn), step("batch_invariant", M, attn)
         print(f"{label:32s} {f * 1e3:9.2f} {i * 1e3:9.2f} {f / i:6.2f}")
