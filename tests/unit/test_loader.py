@@ -135,3 +135,16 @@ def test_gguf_file_converts_once_and_matches_transformers(tmp_path: Path) -> Non
     before = {p.name: p.stat().st_mtime_ns for p in loaded.path.iterdir()}
     assert resolve_model_dir(str(gguf_path)) == loaded.path
     assert {p.name: p.stat().st_mtime_ns for p in loaded.path.iterdir()} == before
+
+
+def test_malformed_gguf_is_a_user_error_and_leaves_no_partial_conversion(
+    tmp_path: Path, treadle_cache_dir: Path
+) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(UserError, match="GGUF"):
+        load_model(str(bad))
+    leftovers = [
+        p.name for p in (treadle_cache_dir / "gguf").glob("*broken*") if not p.name.endswith(".lock")
+    ]
+    assert leftovers == []  # neither a converted dir nor its temp sibling

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from treadle.errors import UserError
+from treadle.models.config import ModelConfig
 
 CONVERTER_VERSION = 1  # bump when the written layout changes, so stale cached conversions are not reused
 _TOKEN_TYPE_CONTROL = 3  # llama.cpp token types: 1 normal, 3 control (special), 4 user-defined
@@ -58,15 +59,33 @@ def read_gguf_config(gguf_path: Path) -> dict[str, Any]:
         parsed = load_gguf_checkpoint(str(gguf_path), return_tensors=False)
     except ValueError as e:
         raise UserError(f"model path: {gguf_path}: {e}", field="model") from e
-    raw = {k: v for k, v in parsed["config"].items() if not k.startswith("_")}
+    # GGUF stores floats as float32: print them back at float32 precision (9.99999974e-06 → 1e-05).
+    raw = {
+        k: float(f"{v:.7g}") if isinstance(v, float) else v
+        for k, v in parsed["config"].items()
+        if not k.startswith("_")
+    }
     model_type = raw.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **raw)
-    d = cfg.to_dict()
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _GENERIC_CONFIG_KEYS}
     d["architectures"] = [_ARCH.get(model_type, "AutoModelForCausalLM")]
     d["torch_dtype"] = "float32"
     return d
 
 
+# PretrainedConfig bookkeeping that says nothing about the model; a hub config.json does not carry it either.
+_GENERIC_CONFIG_KEYS = {
+    "id2label",
+    "label2id",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "problem_type",
+    "_name_or_path",
+    "dtype",
+}
 _ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
@@ -178,6 +197,7 @@ def write_hf_directory(gguf_path: Path, directory: Path, *, weights: bool = True
     from safetensors.torch import save_file
 
     config = read_gguf_config(gguf_path)
+    ModelConfig.from_hf_dict(config)  # an unsupported family fails here, before minutes of dequantization
     _write_json(directory / "config.json", config)
     write_generation_config(config, directory)
     write_gguf_tokenizer(gguf_path, directory)
