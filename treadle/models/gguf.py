@@ -60,12 +60,12 @@ def read_gguf_config(gguf_path: Path) -> dict[str, Any]:
     except ValueError as e:
         raise UserError(f"model path: {gguf_path}: {e}", field="model") from e
     # GGUF stores floats as float32: print them back at float32 precision (9.99999974e-06 → 1e-05).
-    raw = {
+    raw: dict[str, Any] = {
         k: float(f"{v:.7g}") if isinstance(v, float) else v
         for k, v in parsed["config"].items()
         if not k.startswith("_")
     }
-    model_type = raw.pop("model_type")
+    model_type = str(raw.pop("model_type"))
     cfg = AutoConfig.for_model(model_type, **raw)
     d = {k: v for k, v in cfg.to_dict().items() if k not in _GENERIC_CONFIG_KEYS}
     d["architectures"] = [_ARCH.get(model_type, "AutoModelForCausalLM")]
