@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from treadle.errors import NotFoundError, UserError
+from treadle.models.gguf import build_directory_atomically
 from treadle.models.hub_cache import find_snapshot, register_snapshot, repo_folder
 from treadle.models.loader import load_model, resolve_model_dir
 from treadle.models.tiny import write_tiny_gguf, write_tiny_model
@@ -148,3 +149,37 @@ def test_malformed_gguf_is_a_user_error_and_leaves_no_partial_conversion(
         p.name for p in (treadle_cache_dir / "gguf").glob("*broken*") if not p.name.endswith(".lock")
     ]
     assert leftovers == []  # neither a converted dir nor its temp sibling
+
+
+def test_concurrent_first_uses_convert_once(tmp_path: Path) -> None:
+    import threading
+
+    calls: list[int] = []
+
+    def fill(d: Path) -> None:
+        calls.append(1)
+        (d / "config.json").write_text("{}")
+        threading.Event().wait(0.2)  # widen the window in which a racing builder would start its own copy
+
+    target = tmp_path / "cache" / "converted"
+    threads = [
+        threading.Thread(target=build_directory_atomically, args=(target, fill), kwargs={"what": "test"})
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and (target / "config.json").read_text() == "{}"
+    assert [p.name for p in target.parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_failed_conversion_leaves_nothing_visible(tmp_path: Path) -> None:
+    def fill(d: Path) -> None:
+        (d / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("interrupted")
+
+    target = tmp_path / "converted"
+    with pytest.raises(RuntimeError):
+        build_directory_atomically(target, fill, what="test")
+    assert not target.exists() and [p for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
