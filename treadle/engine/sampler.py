@@ -239,9 +239,13 @@ class Sampler:
                         break
                     self._waiting.extend(self._queue)
                     self._queue.clear()
-                self._admit_waiting()
-                if self._rows:
-                    self._decode_step()
+                try:
+                    self._admit_waiting()
+                    if self._rows:
+                        self._decode_step()
+                except Exception as e:  # noqa: BLE001 - a bug must fail the running futures, not hang them
+                    for r in {row.request for row in self._rows} | set(self._waiting):
+                        self._fail(r, e)
         err = TreadleError("sampler: closed before the request finished")
         with self._cv:
             pending = list(self._queue) + list(self._waiting) + [row.request for row in self._rows]
@@ -290,7 +294,9 @@ class Sampler:
         self._flush(pending)
         live = [row for row in new_rows if not row.request.done]
         if live:
-            logits_B_V = torch.stack([row.request.last_logits_V for row in live])  # type: ignore[misc]
+            firsts = [row.request.last_logits_V for row in live]
+            logits_B_V = torch.stack([x for x in firsts if x is not None])
+            assert logits_B_V.shape[0] == len(live), "every placed row's prompt was prefilled"
             self._sample_and_accept(live, logits_B_V)
 
     def _best_prefix(self, r: _Request) -> tuple[int | None, int, bool]:
