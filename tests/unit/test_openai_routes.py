@@ -100,6 +100,12 @@ def test_models_list_and_auth(http):
     assert "API key" in str(e.value)
 
 
+def test_retrieve_model(http):
+    assert _client(http).models.retrieve(BASE).id == BASE
+    with pytest.raises(openai.NotFoundError):
+        _client(http).models.retrieve("tinker://run-alice/sampler_weights/nope")
+
+
 def test_chat_equals_the_engines_own_sampler(http, engine):
     out = _client(http).chat.completions.create(
         model=BASE,
@@ -277,6 +283,7 @@ def _error(resp: Any) -> dict[str, Any]:
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"top_logprobs": 2}, "top_logprobs"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

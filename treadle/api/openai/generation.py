@@ -70,15 +70,20 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 
 
 def token_end_offsets(tokenizer: Any, ids: list[int], text: str) -> list[int]:
-    """Where each token's text ends in `text`. A token that ends inside a multi-byte character decodes to
-    U+FFFD on its own; its text is attributed to the token that completes the character."""
+    """Where each token's text ends in `text`, decoding a short window per token (linear, not quadratic).
+
+    A token that ends inside a multi-byte character decodes to U+FFFD on its own; its text is attributed to
+    the token that completes the character (the incremental detokenization of HF TGI / vLLM)."""
     ends: list[int] = []
-    last = 0
+    length = 0
+    prefix, read = 0, 0  # ids[prefix:read] is already-emitted context that makes the next decode correct
     for i in range(len(ids)):
-        prefix = _decode(tokenizer, ids[: i + 1])
-        if not prefix.endswith("\ufffd"):
-            last = max(last, min(len(prefix), len(text)))
-        ends.append(last)
+        before = _decode(tokenizer, ids[prefix:read])
+        after = _decode(tokenizer, ids[prefix : i + 1])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            length += len(after) - len(before)
+            prefix, read = read, i + 1
+        ends.append(min(length, len(text)))
     if ends:
         ends[-1] = len(text)
     return ends
@@ -131,7 +136,10 @@ async def generate(engine: Engine, adapter_id: str | None, spec: GenerationSpec)
     params = sampling_params(spec, engine.info.max_context_length)
     req = SampleRequest(adapter_id, list(spec.prompt), params, num_samples=spec.n)
     result: SampleResult = await asyncio.wrap_future(engine.sample(req))
-    choices = [finish_sequence(engine.tokenizer, seq, spec) for seq in result.sequences]
+    # Detokenizing is CPU work: keep it off the event loop that also serves the Tinker API.
+    choices = await asyncio.to_thread(
+        lambda: [finish_sequence(engine.tokenizer, seq, spec) for seq in result.sequences]
+    )
     if spec.top_logprobs > 0:
         tops = await asyncio.gather(
             *(_top_logprobs(engine, adapter_id, spec.prompt, c, spec.top_logprobs) for c in choices)

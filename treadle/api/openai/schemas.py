@@ -142,6 +142,8 @@ def check_noop_fields(req: _SamplingFields) -> None:
         raise UserError("presence_penalty: not supported; only 0 is accepted", field="presence_penalty")
     if req.frequency_penalty != 0:
         raise UserError("frequency_penalty: not supported; only 0 is accepted", field="frequency_penalty")
+    if req.stream_options is not None and not req.stream:
+        raise UserError("stream_options: only allowed with stream: true", field="stream_options")
     if req.logit_bias:
         raise UserError("logit_bias: not supported; omit it or pass {}", field="logit_bias")
     if isinstance(req, ChatCompletionRequest):
