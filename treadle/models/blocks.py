@@ -7,7 +7,6 @@ adds the per-row LoRA delta from the `LoraHook` (if any) under its HF module nam
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from treadle import ops
@@ -91,7 +90,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(f"{prefix}.down_proj", inter, hidden, bias)
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+        return self.down_proj(ops.current().silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
 
 
 class Experts(nn.Module):
@@ -143,7 +142,7 @@ class MoE(nn.Module):
                 dg, du = lora.delta(f"{key}.gate_proj", xe, re), lora.delta(f"{key}.up_proj", xe, re)
                 gate = gate + dg if dg is not None else gate
                 up = up + du if du is not None else up
-            h = F.silu(gate) * up
+            h = o.silu(gate) * up
             y = o.linear(h, self.experts.down_proj[e])
             if lora is not None:
                 dd = lora.delta(f"{key}.down_proj", h, re)

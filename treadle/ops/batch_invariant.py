@@ -133,7 +133,7 @@ class BatchInvariantOps:
         return cpu.log_softmax(x, dim)
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
-        """Not (yet) in the `Ops` protocol: the gated MLP's activation, invariant on CPU (see `cpu_invariant`)."""
+        """The gated MLP's activation, invariant on CPU (see `cpu_invariant`)."""
         if _use_triton(x):
             return torch.nn.functional.silu(x)  # CUDA elementwise kernels compute every element alike
         return cpu.silu(x)

@@ -32,6 +32,9 @@ class FastOps:
             q_B_H_T_d, k_B_H_S_d, v_B_H_S_d, attn_mask=mask_B_T_S[:, None, :, :], scale=scale
         )
 
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
+
     def softmax(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return torch.softmax(x, dim=dim)
 
