@@ -284,6 +284,7 @@ def _error(resp: Any) -> dict[str, Any]:
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

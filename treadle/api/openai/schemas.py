@@ -127,7 +127,7 @@ def parse_request(model_cls: type[_Req], body: Any) -> _Req:
         req = model_cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "body"
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "body"
         if err["type"] == "extra_forbidden":
             raise UserError(f"{field}: this field is not supported by treadle", field=field) from None
         raise UserError(f"{field}: {err['msg']}", field=field) from None
