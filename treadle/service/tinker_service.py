@@ -754,15 +754,35 @@ class TinkerService:
         }
 
     def copy_weights(self, owner: str, source_path: str, ttl_seconds: int | None) -> str:
-        """Copy a readable checkpoint (e.g. a published one) into a new checkpoint the caller owns."""
+        """Copy a readable checkpoint (e.g. a published one) into a new run the caller owns; the copy keeps its
+        kind and name and its run cannot be trained on (no session, never loaded)."""
         src = paths.parse_path(source_path, "source_path")
         self._checkpoint(owner, src)
-        dst = CheckpointRef(src.run_id, src.kind, f"{src.name}-copy-{uuid.uuid4().hex[:8]}")
+        src_run = self.store.get_run(src.run_id)
+        if src_run is None:
+            raise NotFoundError(
+                f"source_path: the training run of {source_path!r} no longer exists", field="source_path"
+            )
+        expires = self._expiry(ttl_seconds)
+        now = utcnow()
+        dst = CheckpointRef(f"copy-{uuid.uuid4().hex[:16]}", src.kind, src.name)
+        self.store.add_run(
+            RunRow(
+                dst.run_id,
+                "",
+                owner,
+                src_run.base_model,
+                src_run.lora_config,
+                src_run.user_metadata,
+                now,
+                now,
+            )
+        )
         target = self.blobs.path(dst.run_id, dst.kind, dst.name)
         tmp = target.with_name(f".{dst.name}.tmp")
         shutil.copytree(self.blobs.path(src.run_id, src.kind, src.name), tmp)
         publish_dir(tmp, target)
-        self._record_checkpoint(owner, dst, self._expiry(ttl_seconds), {})
+        self._record_checkpoint(owner, dst, expires, {})
         return dst.path
 
     def external_urls(
