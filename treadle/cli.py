@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+# = treadle.models.embedded.DEFAULT_MODEL, repeated so `treadle --help` does not import torch
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
