@@ -414,3 +414,16 @@ def test_kv_cache_growth_keeps_contents() -> None:
     assert torch.equal(c.k[0, 2, :, 31], torch.zeros(1, 4))  # row 1's padding was not stored
     c.copy_prefix(5, 6, 3)
     assert torch.equal(c.k[0, 6, :, :3], c.k[0, 5, :, :3])
+
+
+def test_idle_sampler_releases_a_grown_cache(model: CausalLM) -> None:
+    s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=4096, max_batch_size=8)
+    try:
+        res = s.generate(req(list(range(100)) * 30, max_tokens=2, temperature=0.0, stop=()))
+        assert len(res.sequences[0].tokens) == 2
+        # the worker shrinks the cache once idle; the next request still works from a small cache
+        res2 = s.generate(req([1, 2, 3], max_tokens=4, temperature=0.0, stop=()))
+    finally:
+        s.close()
+    assert s._cache.capacity < 3000  # pyright: ignore[reportPrivateUsage]
+    assert res2.sequences[0].tokens == greedy_no_cache(model, [1, 2, 3], 4)

@@ -34,8 +34,14 @@ class SlotKVCache:
         self.max_slots, self.max_len = max_slots, max_len
         self.dtype, self.device = dtype, device
         slots, length = min(initial_slots, max_slots), min(initial_len, max_len)
+        self._initial = (slots, length)
         self.k = self._alloc(slots, length)
         self.v = self._alloc(slots, length)
+
+    def reset(self) -> None:
+        """Drop every slot's contents and return to the initial (small) allocation."""
+        self.k = self._alloc(self._initial[0], self._initial[1])
+        self.v = self._alloc(self._initial[0], self._initial[1])
 
     def _alloc(self, slots: int, length: int) -> torch.Tensor:
         shape = (self.num_layers, slots, self.num_kv_heads, length, self.head_dim)

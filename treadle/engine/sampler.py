@@ -31,6 +31,8 @@ from treadle.models import CausalLM, LoraHook
 _PROMPT_LOGPROB_CHUNK = 256
 # A row waits for a batch-mate's prefill (one more model call) only when that shares this many more tokens.
 _MIN_SHARED_PREFILL = 16
+# An idle sampler keeps at most this many (slot × position) KV entries allocated.
+_IDLE_CACHE_TOKENS = 32 * 512
 
 
 def validate_request(
@@ -246,12 +248,21 @@ class Sampler:
                 except Exception as e:  # noqa: BLE001 - a bug must fail the running futures, not hang them
                     for r in {row.request for row in self._rows} | set(self._waiting):
                         self._fail(r, e)
+                if not self._rows and not self._waiting:
+                    self._release_memory()
         err = TreadleError("sampler: closed before the request finished")
         with self._cv:
             pending = list(self._queue) + list(self._waiting) + [row.request for row in self._rows]
             self._queue.clear()
         for r in pending:
             self._fail(r, err)
+
+    def _release_memory(self) -> None:
+        """Once nothing runs, give a cache that grew large (one long prompt grows every slot) back to the
+        allocator. Nothing is lost: prefix sources live only as long as their requests, and none is running."""
+        self._slots.clear()
+        if self._cache.num_slots * self._cache.capacity > _IDLE_CACHE_TOKENS:
+            self._cache.reset()
 
     def _fail(self, r: _Request, err: BaseException) -> None:
         """Resolve `r` with `err` and drop its rows and queued samples (its batch-mates go on)."""
