@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from treadle import ops
 from treadle.engine.sampler import Sampler
 from treadle.engine.types import SampleRequest, SamplingParams
 from treadle.errors import TreadleError, UserError
@@ -427,3 +428,50 @@ def test_idle_sampler_releases_a_grown_cache(model: CausalLM) -> None:
         s.close()
     assert s._cache.capacity < 3000  # pyright: ignore[reportPrivateUsage]
     assert res2.sequences[0].tokens == greedy_no_cache(model, [1, 2, 3], 4)
+
+
+def test_batch_invariant_mode_is_bitwise(model: CausalLM) -> None:
+    """Invariants 1 and 2 in batch-invariant mode: sampled and prompt logprobs equal a full forward bitwise,
+    and batch-mates (one sharing the prompt's prefix, so the prompt's KV is copied, not computed) change no bit."""
+    prompt = [5, 9, 11, 3, 7, 8, 1, 4, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41]
+    params = SamplingParams(max_tokens=20, seed=1, stop=())
+    with ops.mode("batch_invariant"):
+        lock = threading.Lock()
+        s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX, lock=lock)
+        try:
+            alone = s.generate(SampleRequest(None, prompt, params, prompt_logprobs=True))
+            mates = [req(prompt[:18] + [50], max_tokens=30, seed=9, stop=())]
+            mates += [req([20 + i] * (i + 1), max_tokens=5 + i, seed=i, stop=()) for i in range(5)]
+            with lock:  # the prefix-sharing mate is still running when the target is admitted
+                futs = [s.submit(m) for m in mates[:3]]
+                futs += [s.submit(SampleRequest(None, prompt, params))] + [s.submit(m) for m in mates[3:]]
+            mixed = futs[3].result()
+            for f in futs:
+                f.result()
+        finally:
+            s.close()
+        seq = alone.sequences[0]
+        toks = prompt + seq.tokens
+        with torch.no_grad():
+            lp_T_V = model.logprobs(model(torch.tensor([toks])))[0]
+    ref = lp_T_V[:-1].gather(1, torch.tensor(toks[1:])[:, None])[:, 0]
+    assert torch.equal(torch.tensor(seq.logprobs), ref[len(prompt) - 1 :])
+    assert alone.prompt_logprobs is not None
+    assert torch.equal(torch.tensor(alone.prompt_logprobs[1:]), ref[: len(prompt) - 1])
+    assert mixed.prompt_cache_hit_tokens == 18
+    assert mixed.sequences[0].tokens == seq.tokens and mixed.sequences[0].logprobs == seq.logprobs
+
+
+def test_common_prefix_bisection() -> None:
+    import random
+
+    from treadle.engine.sampler import _common_prefix  # pyright: ignore[reportPrivateUsage]
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randint(0, 2) for _ in range(rng.randint(0, 30))]
+        b = [rng.randint(0, 2) for _ in range(rng.randint(0, 30))]
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        assert _common_prefix(a, b) == n
