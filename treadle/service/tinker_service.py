@@ -28,6 +28,7 @@ from treadle.engine.types import (
 from treadle.errors import ConflictError, GoneError, NotFoundError, TreadleError, UserError, require
 from treadle.service import paths
 from treadle.service.auth import Authenticator
+from treadle.service.completions import CompletionLog
 from treadle.service.export import UrlSigner, encrypt_dir, publish_dir
 from treadle.service.futures import FutureHub, Outcome
 from treadle.service.paths import CheckpointRef
@@ -90,6 +91,7 @@ class TinkerService:
         self.hub = FutureHub(store)
         self._models: dict[str, _Model] = {}
         self._samplers: dict[str, _Sampler] = {}
+        self.completions = CompletionLog()
         recovered = self.hub.recover()
         if recovered:
             log.warning("%d requests were in flight when the server last stopped; they now fail", recovered)
@@ -602,14 +604,32 @@ class TinkerService:
         req.adapter_id = target.adapter_id
         rid, new = self.hub.create(owner, "sample", f"sample:{sampler_id}:{seq_id}")
         if new:
+            self.completions.bind()
+            resolve = self._done(rid, lambda res: self.codec.sample(res, req))
+
+            def done(outcome: object) -> None:
+                resolve(outcome)
+                self.completions.record_threadsafe(sampler_id, rid, isinstance(outcome, TreadleError))
+
             try:
                 fut = engine.sample(req)
             except TreadleError as e:
-                self.hub.fail(rid, e)
+                done(e)
             else:
-                done = self._done(rid, lambda res: self.codec.sample(res, req))
                 fut.add_done_callback(lambda f: done(_future_outcome(f)))
         return rid, [f"{rid}:{i}" for i in range(req.num_samples)]
+
+    async def retrieve_futures(
+        self, owner: str, sampler_id: str, prev_cursor: int, timeout_s: float
+    ) -> tuple[list[tuple[str, str]], int]:
+        """Completed requests of one sampler after `prev_cursor` (long-polls up to `timeout_s`, ≤ 30 s)."""
+        row = self.store.get_sampler(sampler_id)
+        if row is None or row.owner != owner:
+            raise NotFoundError(
+                f"target.sampling_session_id: no sampler {sampler_id!r} for this API key",
+                field="target.sampling_session_id",
+            )
+        return await self.completions.since(sampler_id, prev_cursor, min(max(timeout_s, 0.0), 30.0))
 
     def _validate_sample(self, req: SampleRequest, vocab: int, max_ctx: int) -> None:
         req.params.validate(vocab)

@@ -333,6 +333,20 @@ def make_router(service: TinkerService) -> APIRouter:
             return Response(outcome.proto, media_type="application/x-protobuf")
         return JSONResponse(outcome.json or {})
 
+    @r.post("/retrieve_futures")
+    async def retrieve_futures(request: Request) -> dict[str, Any]:
+        who, f = owner(request), await fields(request)
+        target = Fields(f.get("target", dict))
+        if target.get("type", str, "sampling_session") != "sampling_session":
+            raise UserError("target.type: only 'sampling_session' is supported", field="target.type")
+        done, cursor = await service.retrieve_futures(
+            who,
+            target.get("sampling_session_id", str),
+            f.get("prev_cursor", int, 0),
+            f.get("timeout", float, 30.0),
+        )
+        return {"completions": [{"state": st, "request_id": rid} for rid, st in done], "cursor": cursor}
+
     @r.post("/cancel_future")
     async def cancel_future(request: Request) -> dict[str, Any]:
         owner(request)
