@@ -475,3 +475,36 @@ def test_common_prefix_bisection() -> None:
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         assert _common_prefix(a, b) == n
+
+
+def test_chunked_prefill(model: CausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a tiny per-call token budget every prompt is prefilled in several chunks: same tokens, same
+    prompt logprobs (chunk boundaries included) as one full forward."""
+    import treadle.engine.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "_PREFILL_TOKENS", 6)
+    long_prompt = [(7 * i + 3) % 128 for i in range(23)]
+    s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX)
+    try:
+        scored = s.submit(
+            SampleRequest(
+                None,
+                long_prompt,
+                SamplingParams(max_tokens=5, temperature=0.0, stop=()),
+                prompt_logprobs=True,
+                topk_prompt_logprobs=2,
+            )
+        )
+        others = [s.submit(req(p, max_tokens=5, temperature=0.0, stop=())) for p in PROMPTS]
+        res = scored.result()
+        for p, f in zip(PROMPTS, others, strict=True):
+            assert f.result().sequences[0].tokens == greedy_no_cache(model, p, 5)
+    finally:
+        s.close()
+    assert s.stats.prefill_calls >= 4
+    assert res.sequences[0].tokens == greedy_no_cache(model, long_prompt, 5)
+    assert res.prompt_logprobs is not None and res.topk_prompt_logprobs is not None
+    ref = forward_logprobs(model, long_prompt)
+    assert len(res.prompt_logprobs) == len(long_prompt) == len(res.topk_prompt_logprobs)
+    assert torch.allclose(torch.tensor(res.prompt_logprobs[1:]), ref[1:], atol=1e-5)
+    assert all(len(t) == 2 for t in res.topk_prompt_logprobs[1:])

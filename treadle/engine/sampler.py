@@ -31,6 +31,8 @@ from treadle.models import CausalLM, LoraHook
 _PROMPT_LOGPROB_CHUNK = 256
 # A row waits for a batch-mate's prefill (one more model call) only when that shares this many more tokens.
 _MIN_SHARED_PREFILL = 16
+# Padded tokens per prefill call: bounds activation memory; longer prompts are prefilled in chunks.
+_PREFILL_TOKENS = 2048
 # An idle sampler keeps at most this many (slot × position) KV entries allocated.
 _IDLE_CACHE_TOKENS = 32 * 512
 
@@ -104,6 +106,7 @@ class _Request:
     prompt_logprobs: list[float] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_cache_hit_tokens: int = 0
+    prompt_scored: bool = False  # prompt_logprobs / topk_prompt_logprobs computed (by the first prefill)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -130,6 +133,14 @@ class _Row:
     next_token: int = -1  # sampled, not yet in the KV cache
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _PromptScores:
+    """Prompt logprobs accumulated over a chunked prefill; position 0 has no distribution to score it."""
+
+    logprobs: list[float] = dataclasses.field(default_factory=lambda: [math.nan])
+    topk: list[list[tuple[int, float]]] = dataclasses.field(default_factory=lambda: [[]])
 
 
 @dataclasses.dataclass(eq=False)
@@ -323,7 +334,7 @@ class Sampler:
         prompt = r.req.prompt
         n = len(prompt)
         # Prompt logprobs need logits at every prompt position, so their first prefill runs the whole prompt.
-        if r.wants_prompt_logprobs and r.prompt_logprobs is None and r.topk_prompt_logprobs is None:
+        if r.wants_prompt_logprobs and not r.prompt_scored:
             return None, 0, any(info.owner is r and not info.ready for info in self._slots.values())
         # The last prompt position's logits must come from somewhere: a sibling's, or a fresh prefill.
         limit = n if r.last_logits_V is not None else n - 1
@@ -383,54 +394,74 @@ class Sampler:
                 self._fail(pf.row.request, e)
 
     def _prefill(self, pending: list[_Prefill]) -> None:
-        """prompt[start:] of every pending row into its slot (right-padded batch); sets each request's last
-        prompt logits and, where asked, its prompt logprobs."""
+        """prompt[start:] of every pending row into its slot, in right-padded batches of at most
+        `_PREFILL_TOKENS` tokens (long prompts go in chunks, so no call's activations grow with the prompt);
+        sets each request's last prompt logits and, where asked, its prompt logprobs."""
         pending = [pf for pf in pending if not pf.row.request.done]
         if not pending:
             return
-        suffixes = [pf.row.request.req.prompt[pf.start :] for pf in pending]
-        lengths = [len(x) for x in suffixes]
-        T = max(lengths)
-        tokens_B_T = torch.tensor([x + [0] * (T - len(x)) for x in suffixes], device=self.device)
-        step = self._cache.step([pf.row.slot for pf in pending], [pf.start for pf in pending], lengths)
-        with self._lock:
-            hook = self._hook([pf.row.request.req.adapter_id for pf in pending])
-            hidden_B_T_D = self.model(
-                tokens_B_T, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook, cache=step
-            )
-            last_B = torch.tensor([n - 1 for n in lengths], device=self.device)
-            rows_B = torch.arange(len(pending), device=self.device)
-            last_B_V = self.model.logits(hidden_B_T_D[rows_B, last_B][:, None], hook)[:, 0]
-            for b, pf in enumerate(pending):
-                r = pf.row.request
-                if r.wants_prompt_logprobs and pf.start == 0 and r.prompt_logprobs is None:
-                    row_hook = self._hook([r.req.adapter_id])
-                    self._prompt_logprobs(r, hidden_B_T_D[b : b + 1, : lengths[b]], row_hook)
+        prompts = [pf.row.request.req.prompt for pf in pending]
+        scored = {
+            b: _PromptScores()
+            for b, pf in enumerate(pending)
+            if pf.start == 0 and pf.row.request.wants_prompt_logprobs and not pf.row.request.prompt_scored
+        }
+        last_V: dict[int, torch.Tensor] = {}
+        pos = [pf.start for pf in pending]
+        while active := [b for b in range(len(pending)) if pos[b] < len(prompts[b])]:
+            width = max(1, _PREFILL_TOKENS // len(active))
+            chunks = [prompts[b][pos[b] : pos[b] + width] for b in active]
+            lengths = [len(c) for c in chunks]
+            T = max(lengths)
+            tokens_B_T = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)
+            step = self._cache.step([pending[b].row.slot for b in active], [pos[b] for b in active], lengths)
+            with self._lock:
+                hook = self._hook([pending[b].row.request.req.adapter_id for b in active])
+                hidden_B_T_D = self.model(
+                    tokens_B_T, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook, cache=step
+                )
+                last_B = torch.tensor([n - 1 for n in lengths], device=self.device)
+                rows_B = torch.arange(len(active), device=self.device)
+                logits_B_V = self.model.logits(hidden_B_T_D[rows_B, last_B][:, None], hook)[:, 0]
+                for j, b in enumerate(active):
+                    if b in scored:
+                        r = pending[b].row.request
+                        row_hook = self._hook([r.req.adapter_id])
+                        self._score_prompt(
+                            r, hidden_B_T_D[j : j + 1, : lengths[j]], pos[b], row_hook, scored[b]
+                        )
+            for j, b in enumerate(active):
+                pos[b] += lengths[j]
+                if pos[b] == len(prompts[b]):
+                    last_V[b] = logits_B_V[j]
+            self.stats.prefill_tokens += sum(lengths)
+            self.stats.prefill_calls += 1
         for b, pf in enumerate(pending):
-            pf.row.request.last_logits_V = last_B_V[b]
+            r = pf.row.request
+            r.last_logits_V = last_V[b]
             self._slots[pf.row.slot].ready = True
-        self.stats.prefill_tokens += sum(lengths)
-        self.stats.prefill_calls += 1
+            if b in scored:
+                r.prompt_scored = True
+                r.prompt_logprobs = scored[b].logprobs if r.req.prompt_logprobs else None
+                r.topk_prompt_logprobs = scored[b].topk if r.req.topk_prompt_logprobs > 0 else None
 
-    def _prompt_logprobs(self, r: _Request, hidden_1_T_D: torch.Tensor, hook: LoraHook | None) -> None:
+    def _score_prompt(
+        self, r: _Request, hidden_1_T_D: torch.Tensor, first: int, hook: LoraHook | None, acc: _PromptScores
+    ) -> None:
+        """Prompt logprobs of the positions after `first` .. `first + T` (position t's distribution scores
+        prompt[t + 1]), appended to `acc`."""
         prompt = r.req.prompt
-        n, k = len(prompt), r.req.topk_prompt_logprobs
-        targets = torch.tensor(prompt[1:], device=self.device)
-        lps: list[float] = [math.nan]
-        topk: list[list[tuple[int, float]]] = [[]]
-        # position t-1's distribution scores prompt[t]
-        for a in range(0, n - 1, _PROMPT_LOGPROB_CHUNK):
-            b = min(a + _PROMPT_LOGPROB_CHUNK, n - 1)
+        k = r.req.topk_prompt_logprobs
+        m = min(hidden_1_T_D.shape[1], len(prompt) - 1 - first)  # positions whose next token is in the prompt
+        for a in range(0, m, _PROMPT_LOGPROB_CHUNK):
+            b = min(a + _PROMPT_LOGPROB_CHUNK, m)
             lp_T_V = ops.current().log_softmax(self.model.logits(hidden_1_T_D[:, a:b], hook)[0], dim=-1)
-            lps.extend(lp_T_V.gather(1, targets[a:b, None])[:, 0].tolist())
+            targets_T = torch.tensor(prompt[first + a + 1 : first + b + 1], device=self.device)
+            acc.logprobs.extend(lp_T_V.gather(1, targets_T[:, None])[:, 0].tolist())
             if k > 0:
                 vals, idx = lp_T_V.topk(k, dim=-1)
                 for vs, ids in zip(vals.tolist(), idx.tolist(), strict=True):
-                    topk.append(list(zip(ids, vs, strict=True)))
-        if r.req.prompt_logprobs:
-            r.prompt_logprobs = lps
-        if k > 0:
-            r.topk_prompt_logprobs = topk
+                    acc.topk.append(list(zip(ids, vs, strict=True)))
 
     # decode: one batched model call for every active row ---------------------------------------------------
     def _decode_step(self) -> None:
