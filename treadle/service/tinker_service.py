@@ -8,7 +8,6 @@ import collections
 import dataclasses
 import datetime as dt
 import logging
-import math
 import shutil
 import time
 import uuid
@@ -23,10 +22,9 @@ from treadle.engine.types import (
     LoraConfig,
     SampleRequest,
     SampleResult,
-    SamplingParams,
 )
 from treadle.errors import ConflictError, GoneError, NotFoundError, TreadleError, UserError, require
-from treadle.service import paths
+from treadle.service import paths, views
 from treadle.service.auth import Authenticator
 from treadle.service.completions import CompletionLog
 from treadle.service.export import UrlSigner, encrypt_dir, publish_dir
@@ -37,7 +35,6 @@ from treadle.store import BlobStore, CheckpointRow, MetadataStore, RunRow, Sampl
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_TYPE = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 MAX_TTL_S = 10 * 365 * 24 * 3600
 
 
@@ -667,38 +664,9 @@ class TinkerService:
             for w in self.pool.workers.values()
         ]
 
-    def _checkpoint_json(self, row: CheckpointRow) -> dict[str, Any]:
-        ref = CheckpointRef(row.run_id, row.kind, row.name)
-        return {
-            "checkpoint_id": ref.checkpoint_id,
-            "checkpoint_type": CHECKPOINT_TYPE[row.kind],
-            "time": row.created_at.isoformat(),
-            "tinker_path": ref.path,
-            "size_bytes": row.size_bytes,
-            "public": row.public,
-            "user_metadata": row.user_metadata or None,
-            "expires_at": row.expires_at.isoformat() if row.expires_at else None,
-        }
-
     def _run_json(self, run: RunRow) -> dict[str, Any]:
         cks, _ = self.store.list_checkpoints(run_id=run.run_id)
-        last = {
-            kind: next((c for c in cks if c.kind == kind), None) for kind in ("weights", "sampler_weights")
-        }
-        return {
-            "training_run_id": run.run_id,
-            "base_model": run.base_model,
-            "model_owner": run.owner,
-            "is_lora": True,
-            "corrupted": False,
-            "lora_rank": run.lora_config.get("rank"),
-            "last_request_time": run.last_request_time.isoformat(),
-            "last_checkpoint": self._checkpoint_json(last["weights"]) if last["weights"] else None,
-            "last_sampler_checkpoint": (
-                self._checkpoint_json(last["sampler_weights"]) if last["sampler_weights"] else None
-            ),
-            "user_metadata": {k: str(v) for k, v in run.user_metadata.items()},
-        }
+        return views.run_json(run, cks)
 
     def get_run(self, owner: str, run_id: str) -> dict[str, Any]:
         return self._run_json(self._run(owner, run_id, "training_run_id"))
@@ -721,12 +689,12 @@ class TinkerService:
         rows, total = self.store.list_checkpoints(run_id=run_id, owner=owner, limit=limit, offset=offset)
         live = [r for r in rows if r.expires_at is None or r.expires_at >= now]
         return {
-            "checkpoints": [self._checkpoint_json(r) for r in live],
+            "checkpoints": [views.checkpoint_json(r) for r in live],
             "cursor": {"offset": offset, "limit": limit, "total_count": total},
         }
 
     def get_checkpoint(self, owner: str, ref: CheckpointRef) -> dict[str, Any]:
-        return self._checkpoint_json(self._checkpoint(owner, ref))
+        return views.checkpoint_json(self._checkpoint(owner, ref))
 
     def delete_checkpoint(self, owner: str, ref: CheckpointRef) -> None:
         self._checkpoint(owner, ref, write=True)
@@ -845,30 +813,3 @@ def _future_outcome(f: Any) -> object:
 def _check_page(limit: int, offset: int) -> None:
     require(1 <= limit <= 10_000, "limit", f"must be in 1..10000, got {limit}")
     require(offset >= 0, "offset", f"must be ≥ 0, got {offset}")
-
-
-def sampling_params(raw: dict[str, Any]) -> SamplingParams:
-    """The SDK's JSON sampling params → engine params (`stop` may be a string, strings or token ids)."""
-    stop = raw.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not isinstance(stop, list):
-        raise UserError(
-            "sampling_params.stop: must be a string, a list of strings or a list of token ids",
-            field="sampling_params.stop",
-        )
-    max_tokens = raw.get("max_tokens")
-    temperature = raw.get("temperature", 1.0)
-    require(
-        isinstance(temperature, int | float) and math.isfinite(float(temperature)),
-        "sampling_params.temperature",
-        "must be a finite number ≥ 0",
-    )
-    return SamplingParams(
-        max_tokens=int(max_tokens) if max_tokens is not None else 16,
-        temperature=float(temperature),
-        top_p=float(raw.get("top_p", 1.0)),
-        top_k=int(raw.get("top_k", -1)),
-        seed=int(raw["seed"]) if raw.get("seed") is not None else None,
-        stop=tuple(stop) if stop is not None else None,
-    )

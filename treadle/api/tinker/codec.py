@@ -1,9 +1,10 @@
-"""Wire ↔ internal conversion for the two protobuf payloads (protocol §8), using the SDK's own schema
-(`tinker.proto.tinker_public_pb2`) so it is never re-declared here."""
+"""Wire ↔ internal conversion: the two protobuf payloads (protocol §8), using the SDK's own schema
+(`tinker.proto.tinker_public_pb2`) so it is never re-declared here, and the JSON sampling params."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,8 +17,9 @@ from treadle.engine.types import (
     ForwardBackwardResult,
     SampleRequest,
     SampleResult,
+    SamplingParams,
 )
-from treadle.errors import UserError
+from treadle.errors import UserError, require
 from treadle.service.futures import Outcome
 
 _NP_DTYPE = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
@@ -146,3 +148,30 @@ class ProtoCodec:
 
     def sample(self, res: SampleResult, req: SampleRequest) -> Outcome:
         return encode_sample(res, req)
+
+
+def sampling_params(raw: dict[str, Any]) -> SamplingParams:
+    """The SDK's JSON sampling params → engine params (`stop` may be a string, strings or token ids)."""
+    stop = raw.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not isinstance(stop, list):
+        raise UserError(
+            "sampling_params.stop: must be a string, a list of strings or a list of token ids",
+            field="sampling_params.stop",
+        )
+    max_tokens = raw.get("max_tokens")
+    temperature = raw.get("temperature", 1.0)
+    require(
+        isinstance(temperature, int | float) and math.isfinite(float(temperature)),
+        "sampling_params.temperature",
+        "must be a finite number ≥ 0",
+    )
+    return SamplingParams(
+        max_tokens=int(max_tokens) if max_tokens is not None else 16,
+        temperature=float(temperature),
+        top_p=float(raw.get("top_p", 1.0)),
+        top_k=int(raw.get("top_k", -1)),
+        seed=int(raw["seed"]) if raw.get("seed") is not None else None,
+        stop=tuple(stop) if stop is not None else None,
+    )

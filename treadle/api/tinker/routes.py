@@ -16,7 +16,7 @@ from treadle.api.tinker import codec
 from treadle.engine.types import AdamParams, LoraConfig, SampleRequest
 from treadle.errors import UserError
 from treadle.service.paths import CheckpointRef
-from treadle.service.tinker_service import TinkerService, sampling_params
+from treadle.service.tinker_service import TinkerService
 from treadle.store import KINDS, check_name
 
 T = TypeVar("T")
@@ -299,7 +299,7 @@ def make_router(service: TinkerService) -> APIRouter:
                 field="target_prompt_logprobs",
             )
         try:
-            params = sampling_params(f.get("sampling_params", dict, {}))
+            params = codec.sampling_params(f.get("sampling_params", dict, {}))
         except (TypeError, ValueError) as e:
             raise UserError(f"sampling_params: {e}", field="sampling_params") from e
         req = SampleRequest(
