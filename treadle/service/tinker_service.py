@@ -5,6 +5,7 @@ ownership and TTLs. The API layer decodes wire types into the arguments here and
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import logging
@@ -89,12 +90,18 @@ class TinkerService:
         self._models: dict[str, _Model] = {}
         self._samplers: dict[str, _Sampler] = {}
         self.completions = CompletionLog()
+        # Encoding a sample result and persisting it happens here, off the sampler thread, so generation
+        # never waits on the metadata DB.
+        self._resolver = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="treadle-resolve"
+        )
         recovered = self.hub.recover()
         if recovered:
             log.warning("%d requests were in flight when the server last stopped; they now fail", recovered)
 
     def close(self) -> None:
         self.pool.close()
+        self._resolver.shutdown(wait=True)
         self.store.close()
 
     # ---- helpers ---------------------------------------------------------------------------------------
@@ -613,7 +620,7 @@ class TinkerService:
             except TreadleError as e:
                 done(e)
             else:
-                fut.add_done_callback(lambda f: done(_future_outcome(f)))
+                fut.add_done_callback(lambda f: self._resolver.submit(done, _future_outcome(f)))
         return rid, [f"{rid}:{i}" for i in range(req.num_samples)]
 
     async def retrieve_futures(
