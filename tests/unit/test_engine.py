@@ -50,7 +50,9 @@ def test_fused_batch_equals_separate_calls(engine):
     )
     alone = engine.forward_backward([ForwardBackwardRequest("fb", d2, "cross_entropy", forward_only=True)])
     assert not isinstance(fused[1], Exception) and not isinstance(alone[0], Exception)
-    torch.testing.assert_close(fused[1].loss_fn_outputs[0]["logprobs"], alone[0].loss_fn_outputs[0]["logprobs"])
+    torch.testing.assert_close(
+        fused[1].loss_fn_outputs[0]["logprobs"], alone[0].loss_fn_outputs[0]["logprobs"]
+    )
     assert set(fused[0].metrics) >= {"loss:sum"}
     assert all(k.count(":") == 1 for k in fused[0].metrics)
 
@@ -74,9 +76,39 @@ def test_training_lowers_loss_and_isolates_adapters(engine):
 @pytest.mark.parametrize(
     ("request_kwargs", "field"),
     [
-        ({"data": [Datum(torch.tensor([1, 10**7]), {"target_tokens": torch.tensor([1, 2]), "weights": torch.ones(2)})]}, "model_input"),
-        ({"data": [Datum(torch.tensor([], dtype=torch.long), {"target_tokens": torch.tensor([], dtype=torch.long)})]}, "model_input"),
-        ({"data": [Datum(torch.tensor([1, 2, 3]), {"target_tokens": torch.tensor([1, 2]), "weights": torch.ones(2)})]}, "target_tokens"),
+        (
+            {
+                "data": [
+                    Datum(
+                        torch.tensor([1, 10**7]),
+                        {"target_tokens": torch.tensor([1, 2]), "weights": torch.ones(2)},
+                    )
+                ]
+            },
+            "model_input",
+        ),
+        (
+            {
+                "data": [
+                    Datum(
+                        torch.tensor([], dtype=torch.long),
+                        {"target_tokens": torch.tensor([], dtype=torch.long)},
+                    )
+                ]
+            },
+            "model_input",
+        ),
+        (
+            {
+                "data": [
+                    Datum(
+                        torch.tensor([1, 2, 3]),
+                        {"target_tokens": torch.tensor([1, 2]), "weights": torch.ones(2)},
+                    )
+                ]
+            },
+            "target_tokens",
+        ),
         ({"loss_fn": "no_such_loss"}, "loss_fn"),
         ({"loss_fn_config": {"no_such_key": 1.0}}, "loss_fn_config"),
     ],
@@ -98,7 +130,9 @@ def test_bad_training_input_is_rejected_and_costs_nothing(engine, request_kwargs
 def test_non_finite_advantages_rejected(engine):
     engine.create_adapter("rl", LoraConfig(rank=4, seed=0))
     t = torch.tensor([1, 2, 3])
-    d = Datum(t, {"target_tokens": t, "logprobs": torch.zeros(3), "advantages": torch.tensor([1.0, math.nan, 0.0])})
+    d = Datum(
+        t, {"target_tokens": t, "logprobs": torch.zeros(3), "advantages": torch.tensor([1.0, math.nan, 0.0])}
+    )
     (res,) = engine.forward_backward([ForwardBackwardRequest("rl", [d], "importance_sampling")])
     assert isinstance(res, UserError) and "advantages" in res.message
 
@@ -145,7 +179,9 @@ def test_sampler_logprobs_equal_forward_logprobs_with_adapter(engine):
     engine.forward_backward([ForwardBackwardRequest("lp", data, "cross_entropy")])
     engine.optim_step("lp", AdamParams(learning_rate=5e-2))  # make the adapter non-trivial
     prompt = [5, 6, 7, 8]
-    res = engine.generate(SampleRequest("lp", prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=())))
+    res = engine.generate(
+        SampleRequest("lp", prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=()))
+    )
     seq = res.sequences[0]
     full = torch.tensor(prompt + seq.tokens)
     d = Datum(full[:-1], {"target_tokens": full[1:], "weights": torch.ones(len(full) - 1)})

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 
 from treadle.bench.runner import Row
 from treadle.engine.engine import Engine
@@ -73,7 +74,10 @@ def bench_api(model: str, *, quick: bool = False) -> list[Row]:
             tc = service.create_lora_training_client(base_model=model, rank=8)
             datum = types.Datum(
                 model_input=types.ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+                loss_fn_inputs={
+                    "target_tokens": types.TensorData.from_numpy(np.array(tokens[1:], dtype=np.int64)),
+                    "weights": types.TensorData.from_numpy(np.ones(len(tokens) - 1, dtype=np.float32)),
+                },
             )
             sdk_lat = []
             for i in range(n_fwd + 2):

@@ -108,7 +108,9 @@ def forward_backward(
         for b, r in enumerate(mb):
             tokens_B_T[b, : r.datum.tokens.numel()] = r.datum.tokens.to(device)
         # forward-only rows must not leave (zero) gradients that a later optim_step would act on
-        train_ids = {r.adapter_id for r in mb if r.adapter_id is not None and not requests[r.request].forward_only}
+        train_ids = {
+            r.adapter_id for r in mb if r.adapter_id is not None and not requests[r.request].forward_only
+        }
         hook = bank.hook([r.adapter_id for r in mb], train_ids=train_ids)
         with torch.set_grad_enabled(train):
             hidden = model(tokens_B_T, lora=hook)

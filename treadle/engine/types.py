@@ -36,7 +36,9 @@ class LoraConfig:
             "at least one of train_attn, train_mlp, train_unembed must be true",
         )
         if self.alpha is not None:
-            require(math.isfinite(self.alpha) and self.alpha > 0, "lora_config.alpha", "must be a positive number")
+            require(
+                math.isfinite(self.alpha) and self.alpha > 0, "lora_config.alpha", "must be a positive number"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +55,11 @@ class AdamParams:
     def validate(self) -> None:
         for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
             v = getattr(self, name)
-            require(isinstance(v, int | float) and math.isfinite(v) and v >= 0, f"adam_params.{name}",
-                    f"must be a finite number ≥ 0, got {v!r}")
+            require(
+                isinstance(v, int | float) and math.isfinite(v) and v >= 0,
+                f"adam_params.{name}",
+                f"must be a finite number ≥ 0, got {v!r}",
+            )
         require(self.beta1 < 1 and self.beta2 < 1, "adam_params.beta1/beta2", "must be < 1")
 
 
@@ -93,19 +98,34 @@ class SamplingParams:
     stop: tuple[int | str, ...] | None = None
 
     def validate(self, vocab_size: int) -> None:
-        require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "sampling_params.max_tokens",
-                f"must be an integer ≥ 1, got {self.max_tokens!r}")
-        require(math.isfinite(self.temperature) and self.temperature >= 0, "sampling_params.temperature",
-                f"must be a finite number ≥ 0, got {self.temperature!r}")
+        require(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            "sampling_params.max_tokens",
+            f"must be an integer ≥ 1, got {self.max_tokens!r}",
+        )
+        require(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            "sampling_params.temperature",
+            f"must be a finite number ≥ 0, got {self.temperature!r}",
+        )
         require(0 < self.top_p <= 1, "sampling_params.top_p", f"must be in (0, 1], got {self.top_p!r}")
-        require(self.top_k == -1 or self.top_k >= 1, "sampling_params.top_k",
-                f"must be -1 (off) or ≥ 1, got {self.top_k!r}")
+        require(
+            self.top_k == -1 or self.top_k >= 1,
+            "sampling_params.top_k",
+            f"must be -1 (off) or ≥ 1, got {self.top_k!r}",
+        )
         for s in self.stop or ():
             if isinstance(s, int):
-                require(0 <= s < vocab_size, "sampling_params.stop", f"token id {s} is outside 0..{vocab_size - 1}")
+                require(
+                    0 <= s < vocab_size,
+                    "sampling_params.stop",
+                    f"token id {s} is outside 0..{vocab_size - 1}",
+                )
             elif not isinstance(s, str) or not s:
-                raise UserError("sampling_params.stop: entries must be token ids or non-empty strings",
-                                field="sampling_params.stop")
+                raise UserError(
+                    "sampling_params.stop: entries must be token ids or non-empty strings",
+                    field="sampling_params.stop",
+                )
 
 
 @dataclasses.dataclass

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 from torch import nn
 
 from treadle import ops
-from treadle.models.blocks import DecoderLayer, Linear, MoE, RMSNorm
+from treadle.models.blocks import MLP, DecoderLayer, Linear, MoE, RMSNorm
 from treadle.models.config import ModelConfig
 from treadle.models.hooks import KVCacheHook, LoraHook
 from treadle.models.rope import inv_frequencies, rope_cos_sin
@@ -80,7 +81,7 @@ class CausalLM(nn.Module):
     def lora_targets(self) -> list[LoraTarget]:
         """Every projection LoRA may adapt (the MoE router excepted)."""
         out: list[LoraTarget] = []
-        for layer in self.model.layers:
+        for layer in cast(list[DecoderLayer], list(self.model.layers)):
             attn = layer.self_attn
             for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 out.append(LoraTarget(lin.key, lin.in_features, lin.out_features, "attn"))
@@ -92,7 +93,7 @@ class CausalLM(nn.Module):
                     out.append(LoraTarget(f"{k}.gate_proj", D, mlp.inter, "mlp"))
                     out.append(LoraTarget(f"{k}.up_proj", D, mlp.inter, "mlp"))
                     out.append(LoraTarget(f"{k}.down_proj", mlp.inter, D, "mlp"))
-            else:
+            elif isinstance(mlp, MLP):
                 for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                     out.append(LoraTarget(lin.key, lin.in_features, lin.out_features, "mlp"))
         out.append(LoraTarget("lm_head", self.config.hidden_size, self.config.vocab_size, "unembed"))

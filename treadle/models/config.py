@@ -81,7 +81,9 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             qk_norm=family in ("qwen3", "qwen3_moe"),
-            num_experts=(d.get("num_experts") or d.get("num_local_experts") or 0) if family == "qwen3_moe" else 0,
+            num_experts=(d.get("num_experts") or d.get("num_local_experts") or 0)
+            if family == "qwen3_moe"
+            else 0,
             num_experts_per_tok=d.get("num_experts_per_tok", 0),
             moe_intermediate_size=d.get("moe_intermediate_size", 0),
             norm_topk_prob=bool(d.get("norm_topk_prob", True)),

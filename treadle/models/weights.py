@@ -54,7 +54,9 @@ def load_state(model: CausalLM, tensors: dict[str, torch.Tensor]) -> None:
         expected.discard("lm_head.weight")
     missing = sorted(expected - set(state))
     if missing:
-        raise UserError(f"model weights: missing tensors {missing[:5]}{'…' if len(missing) > 5 else ''}", field="model")
+        raise UserError(
+            f"model weights: missing tensors {missing[:5]}{'…' if len(missing) > 5 else ''}", field="model"
+        )
     extra = set(state) - expected
     for k in extra:
         state.pop(k)
