@@ -13,9 +13,10 @@ Why each op is invariant (checked by tests/unit/test_ops_invariance.py, which is
 - softmax / log_softmax: ATen's last-dim softmax kernels reduce each row on its own with row-relative
   vectorisation (one row never shares an accumulator with another), so the dim is moved last.
 - attention: fixed-size KV splits aligned to absolute key position 0 (FlashDecoding with a fixed split
-  *size*). Each split's scores and p·v are row-aligned GEMMs with fixed N and K; splits are merged in order
-  with an online softmax, so a fully masked split (a longer batch-mate, a longer prefill, the causal
-  future) leaves the running max alone and multiplies by exp(0) = 1 and adds exact zeros.
+  *size*). Scores are row-aligned GEMMs with K = d; the row max over all splits is exact, so p = exp(s - max)
+  does not depend on the split layout; each split's p and p·v are summed with a fixed fold and a GEMM with fixed
+  K, and the splits' partial sums are added in order, so a fully masked split (a longer batch-mate, a longer
+  prefill, the causal future) adds exact zeros.
 
 Everything is differentiable torch, so autograd gives the backward pass; the stabilising maxima are detached,
 which is exact because softmax does not depend on them.
@@ -136,6 +137,21 @@ def log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.log_softmax(x.movedim(dim, -1).contiguous(), dim=-1).movedim(-1, dim)
 
 
+def _split_groups(starts: list[int], Tp: int) -> list[tuple[int, int, int]]:
+    """Runs (first_row, j0, j1) of consecutive KV splits that share their first row; splits no row uses are
+    dropped. Decode puts every split in one run (one GEMM for all of them); causal prefill gets about one run
+    per split, so the causal future is still skipped."""
+    groups: list[tuple[int, int, int]] = []
+    for j, r in enumerate(starts):
+        if r >= Tp:
+            continue
+        if groups and groups[-1][0] == r and groups[-1][2] == j:
+            groups[-1] = (r, groups[-1][1], j + 1)
+        else:
+            groups.append((r, j, j + 1))
+    return groups
+
+
 def attention(
     q_B_H_T_d: torch.Tensor,
     k_B_H_S_d: torch.Tensor,
@@ -143,10 +159,15 @@ def attention(
     mask_B_T_S: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Split-KV attention: `KV_SPLIT`-key splits from absolute position 0, merged in order (online softmax).
+    """Split-KV attention: `KV_SPLIT`-key splits from absolute position 0, summed in split order.
 
-    A split is skipped for the leading query rows (in `ROW_ALIGN` steps) that may attend none of its keys in
-    any batch row; that is bitwise the same as merging it, which would multiply by exp(0) = 1 and add 0.
+    Two passes. The first computes every split's masked scores (row-aligned GEMMs with K = d, N = KV_SPLIT)
+    and the row max over all of them, which is exact, so it does not depend on how the keys were split or
+    padded. The second takes p = exp(s - max), sums p and p·v within each split (fixed-length fold, GEMM
+    with K = KV_SPLIT) and adds the splits' partial sums in order. A split that is fully masked for a row
+    (a longer batch-mate, a longer prefill, the causal future) adds exact zeros, so it may be skipped: for
+    the leading query rows (in `ROW_ALIGN` steps) that attend none of its keys in any batch row, it is.
+    Splits that share their first row go through one batched GEMM (decode: all of them at once).
     """
     B, H, T, d = q_B_H_T_d.shape
     S = k_B_H_S_d.shape[2]
@@ -154,12 +175,12 @@ def attention(
     s_pad = n * KV_SPLIT - S
     t_pad = (-T) % ROW_ALIGN
     Tp = T + t_pad
+    BH = B * H
     q = ((F.pad(q_B_H_T_d, (0, 0, 0, t_pad)) if t_pad else q_B_H_T_d) * scale).contiguous()
     k = F.pad(k_B_H_S_d, (0, 0, 0, s_pad)) if s_pad else k_B_H_S_d
     v = F.pad(v_B_H_S_d, (0, 0, 0, s_pad)) if s_pad else v_B_H_S_d
-    # split-major views (no copy): each split's matrices are dense, only the batch stride is S·d
-    kT_n_X_d_N = k.reshape(B * H, n, KV_SPLIT, d).permute(1, 0, 3, 2)
-    v_n_X_N_d = v.reshape(B * H, n, KV_SPLIT, d).transpose(0, 1)
+    k_X_n_N_d = k.reshape(BH, n, KV_SPLIT, d)
+    v_X_n_N_d = v.reshape(BH, n, KV_SPLIT, d)
     mask = F.pad(mask_B_T_S, (0, s_pad, 0, t_pad), value=False) if (s_pad or t_pad) else mask_B_T_S
     mask_B_Tp_n_N = mask.reshape(B, Tp, n, KV_SPLIT)
     # first query row (rounded down to ROW_ALIGN) that may attend anything in split j, or Tp if none
@@ -167,28 +188,41 @@ def attention(
     first_n = torch.where(
         any_Tp_n.any(0), any_Tp_n.int().argmax(0), torch.full_like(any_Tp_n[0], Tp, dtype=torch.long)
     )
-    starts = [int(r) - int(r) % ROW_ALIGN for r in first_n.tolist()]
+    groups = _split_groups([int(r) - int(r) % ROW_ALIGN for r in first_n.tolist()], Tp)
 
-    num = q.new_zeros(B, H, Tp, d, dtype=torch.float32)
-    den = q.new_zeros(B, H, Tp, dtype=torch.float32)
-    m = q.new_full((B, H, Tp), float("-inf"), dtype=torch.float32)
-    for j, r in enumerate(starts):
-        if r >= Tp:
-            continue
-        rows = Tp - r
-        s = bmm(q[:, :, r:].reshape(B * H, rows, d), kT_n_X_d_N[j]).view(B, H, rows, KV_SPLIT).float()
-        s = s.masked_fill(~mask_B_Tp_n_N[:, r:, j, None].transpose(1, 2), float("-inf"))
-        m_old = m[:, :, r:]
-        m_new = torch.maximum(m_old, s.amax(-1).detach())  # max is exact: its order cannot matter
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m_old - m_safe)  # exactly 1 when this split changes nothing for the row
-        p = torch.exp(s - m_safe[..., None])  # masked entries are exactly 0
-        pv = bmm(p.reshape(B * H, rows, KV_SPLIT).to(v.dtype), v_n_X_N_d[j])
-        num_r = num[:, :, r:] * alpha[..., None] + pv.view(B, H, rows, d).float()
-        den_r = den[:, :, r:] * alpha + fold_sum_lastdim(p)
-        num = torch.cat([num[:, :, :r], num_r], dim=2) if r else num_r
-        den = torch.cat([den[:, :, :r], den_r], dim=2) if r else den_r
+    # Scores and softmax weights are kept for the real query rows only: padding rows exist for the GEMMs'
+    # sake (aligned M), and in decode they would be three quarters of the elementwise work.
+    m = q.new_full((B, H, T), float("-inf"), dtype=torch.float32)
+    scores: list[torch.Tensor] = []
+    for r, j0, j1 in groups:
+        g, rows = j1 - j0, Tp - r
+        q_X_g_R_d = q[:, :, r:].reshape(BH, 1, rows, d).expand(BH, g, rows, d).reshape(BH * g, rows, d)
+        # a view, no copy, when the run is one split or all of them (prefill and decode)
+        kT_X_g_d_N = k_X_n_N_d[:, j0:j1].reshape(BH * g, KV_SPLIT, d).transpose(1, 2)
+        s_B_H_g_R_N = bmm(q_X_g_R_d, kT_X_g_d_N).view(B, H, g, rows, KV_SPLIT)[:, :, :, : T - r].float()
+        keep_B_1_g_R_N = mask_B_Tp_n_N[:, r:T, j0:j1].transpose(1, 2)[:, None]
+        s_B_H_g_R_N = s_B_H_g_R_N.masked_fill(~keep_B_1_g_R_N, float("-inf"))
+        m_new = torch.maximum(m[:, :, r:], s_B_H_g_R_N.detach().amax(dim=(2, 4)))  # max is exact
         m = torch.cat([m[:, :, :r], m_new], dim=2) if r else m_new
-    # padded query rows attend nothing; a 0 denominator there would poison the backward with NaN
+        scores.append(s_B_H_g_R_N)
+    # rows that attend nothing (padding) keep -inf; 0 there keeps exp finite (their p is all 0 anyway)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+
+    num = q.new_zeros(B, H, T, d, dtype=torch.float32)
+    den = q.new_zeros(B, H, T, dtype=torch.float32)
+    for (r, j0, j1), s_B_H_g_R_N in zip(groups, scores, strict=True):
+        g, rows = j1 - j0, Tp - r
+        p = torch.exp(s_B_H_g_R_N - m_safe[:, :, None, r:, None])  # masked entries are exactly 0
+        den_B_H_g_R = fold_sum_lastdim(p)
+        p_rows = F.pad(p, (0, 0, 0, rows - (T - r))) if rows > T - r else p
+        v_X_g_N_d = v_X_n_N_d[:, j0:j1].reshape(BH * g, KV_SPLIT, d)
+        pv = bmm(p_rows.reshape(BH * g, rows, KV_SPLIT).to(v.dtype), v_X_g_N_d)
+        pv_B_H_g_R_d = pv.view(B, H, g, rows, d)[:, :, :, : T - r].float()
+        for i in range(g):  # in split order: the sum of a row never depends on how many splits follow
+            num_r = num[:, :, r:] + pv_B_H_g_R_d[:, :, i]
+            den_r = den[:, :, r:] + den_B_H_g_R[:, :, i]
+            num = torch.cat([num[:, :, :r], num_r], dim=2) if r else num_r
+            den = torch.cat([den[:, :, :r], den_r], dim=2) if r else den_r
+    # a query row that attends nothing (allowed only for padding) would get 0/0 and poison the backward
     den = torch.where(den == 0, torch.ones_like(den), den)
-    return (num / den[..., None])[:, :, :T].to(q_B_H_T_d.dtype)
+    return (num / den[..., None]).to(q_B_H_T_d.dtype)
