@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+import treadle  # noqa: F401  (sets OMP_WAIT_POLICY before anything imports torch)
+
 if TYPE_CHECKING:
     from treadle.models.loader import LoadedModel
 
