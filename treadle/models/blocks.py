@@ -75,10 +75,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if self.hkv != self.h:
-            k = k.repeat_interleave(self.h // self.hkv, dim=1)
-            v = v.repeat_interleave(self.h // self.hkv, dim=1)
+        g = self.h // self.hkv
+        if g > 1:
+            # GQA without copying K/V: the g query heads sharing a kv head become g*T query rows of it
+            # (q head i*g + j uses kv head i, as repeat_interleave would); each row still sees its own mask.
+            q = q.reshape(B, self.hkv, g * T, self.d)
+            mask_B_T_S = mask_B_T_S.repeat(1, g, 1)
         out = ops.current().attention(q, k, v, mask_B_T_S, self.d**-0.5)
+        out = out.reshape(B, self.h, T, self.d)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.h * self.d), lora)
 
 
