@@ -241,3 +241,18 @@ def test_save_and_load_state(sc: tinker.ServiceClient, base_model: str, tinker_s
         sc.create_sampling_client(model_path=sampler_path).result().compute_logprobs(
             types.ModelInput.from_ints(PROMPT)
         ).result()
+
+
+def test_overwritten_sampler_checkpoint_serves_new_weights(sc: tinker.ServiceClient, base_model: str) -> None:
+    tc = sc.create_lora_training_client(base_model=base_model, rank=4, seed=9).result()
+    prompt = types.ModelInput.from_ints(PROMPT)
+    path = tc.save_weights_for_sampler("same").result().path
+    before = sc.create_sampling_client(model_path=path).result().compute_logprobs(prompt).result()
+    for _ in range(2):
+        tc.forward_backward([_sl_datum(PROMPT)], "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=5e-2))
+    assert tc.save_weights_for_sampler("same").result().path == path
+    after = sc.create_sampling_client(model_path=path).result().compute_logprobs(prompt).result()
+    fresh = tc.save_weights_and_get_sampling_client().result().compute_logprobs(prompt).result()
+    np.testing.assert_allclose(np.array(after[1:], dtype=float), np.array(fresh[1:], dtype=float), atol=1e-4)
+    assert not np.allclose(np.array(after[1:], dtype=float), np.array(before[1:], dtype=float), atol=1e-3)

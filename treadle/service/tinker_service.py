@@ -370,12 +370,20 @@ class TinkerService:
                 model_id, self.blobs.path(ref.run_id, kind, ref.name), optimizer=kind == "weights"
             )
             self._record_checkpoint(owner, ref, expires, user_metadata)
+            self._forget_loaded_checkpoint(m.worker, ref)
             return {
                 "path": ref.path,
                 "type": "save_weights" if kind == "weights" else "save_weights_for_sampler",
             }
 
         return self._ordered(owner, model_id, seq_id, "save_weights", call)
+
+    def _forget_loaded_checkpoint(self, worker: Worker, ref: CheckpointRef) -> None:
+        """An overwritten checkpoint must not keep serving its old weights from the engine (worker thread)."""
+        stale = f"ckpt:{ref.path}"
+        if worker.engine.has_adapter(stale):
+            worker.engine.remove_adapter(stale)
+            self._samplers = {k: v for k, v in self._samplers.items() if v.adapter_id != stale}
 
     def _record_checkpoint(
         self, owner: str, ref: CheckpointRef, expires: dt.datetime | None, user_metadata: dict[str, Any]
