@@ -18,7 +18,7 @@ from typing import Any
 
 from treadle import ops
 from treadle.engine import trainer
-from treadle.engine.sampler import Sampler
+from treadle.engine.sampler import Sampler, TokenCallback
 from treadle.engine.types import (
     AdamParams,
     ForwardBackwardRequest,
@@ -138,10 +138,14 @@ class Engine:
             return self.bank.optim_step(adapter_id, params)
 
     # sampling -----------------------------------------------------------------------------------
-    def sample(self, req: SampleRequest) -> concurrent.futures.Future[SampleResult]:
+    def sample(
+        self, req: SampleRequest, on_token: TokenCallback | None = None
+    ) -> concurrent.futures.Future[SampleResult]:
+        """Queue `req` on the shared sampler; `on_token(sample_index, token_id, logprob)` streams each token
+        from the sampler thread, and cancelling the future stops generation (see `Sampler.submit`)."""
         if req.adapter_id is not None and req.adapter_id not in self.bank:
             raise NotFoundError(f"model: no adapter {req.adapter_id!r} is loaded", field="model")
-        return self.sampler.submit(req)
+        return self.sampler.submit(req, on_token)
 
     def generate(self, req: SampleRequest) -> SampleResult:
         return self.sample(req).result()

@@ -4,6 +4,9 @@ admitting new requests between steps and retiring finished ones, over a slot-bas
 Each sample is one row. A row's prompt KV comes from another live row when they share a prefix (same adapter):
 the samples of one request prefill their prompt once, and concurrent requests share common prefixes. Logprobs
 are those of the raw model distribution (what `forward` computes), whatever temperature / top-k / top-p did.
+
+Streaming: `submit(req, on_token=...)` reports every accepted token from the sampler thread as it is drawn, and a
+cancelled future (`Sampler.cancel` or `future.cancel()`) has its rows dropped before the next model call.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from treadle.engine.sampling import StopCriteria, make_generator, sample_tokens,
 from treadle.engine.types import SampledSequence, SampleRequest, SampleResult
 from treadle.errors import TreadleError, UserError, require
 from treadle.models import CausalLM, LoraHook
+
+# (sample index, token id, logprob), called on the sampler thread for every accepted token, stop token included.
+TokenCallback = Callable[[int, int, float], None]
 
 # Prompt logprobs are computed over chunks of positions so a long prompt never holds (T × vocab) fp32 at once.
 _PROMPT_LOGPROB_CHUNK = 256
@@ -107,6 +113,7 @@ class _Request:
     topk_prompt_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_cache_hit_tokens: int = 0
     prompt_scored: bool = False  # prompt_logprobs / topk_prompt_logprobs computed (by the first prefill)
+    on_token: TokenCallback | None = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -213,8 +220,14 @@ class Sampler:
         self._thread.start()
 
     # public API -----------------------------------------------------------------------------------
-    def submit(self, req: SampleRequest) -> concurrent.futures.Future[SampleResult]:
-        """Validate (UserError naming the field) and queue; the future resolves when every sample is done."""
+    def submit(
+        self, req: SampleRequest, on_token: TokenCallback | None = None
+    ) -> concurrent.futures.Future[SampleResult]:
+        """Validate (UserError naming the field) and queue; the future resolves when every sample is done.
+
+        `on_token(sample_index, token_id, logprob)` runs on the sampler thread for each accepted token (the final
+        stop token included), before the future resolves; keep it cheap. If it raises, only this request fails.
+        Cancelling the returned future stops its generation at the next step."""
         validate_request(
             req,
             vocab_size=self.vocab_size,
@@ -229,6 +242,7 @@ class Sampler:
             seed=seed,
             sequences=[None] * req.num_samples,
             rows_left=req.num_samples,
+            on_token=on_token,
         )
         with self._cv:
             if self._closed:
@@ -239,6 +253,19 @@ class Sampler:
 
     def generate(self, req: SampleRequest) -> SampleResult:
         return self.submit(req).result()
+
+    def cancel(self, future: concurrent.futures.Future[SampleResult]) -> bool:
+        """Cancel a request returned by `submit`: its rows leave the batch before the next model call.
+        False when it already finished (its result stands)."""
+        cancelled = future.cancel()
+        with self._cv:
+            self._cv.notify()
+        return cancelled
+
+    @property
+    def active_rows(self) -> int:
+        """Rows (samples) decoding right now; a snapshot, for metrics and tests."""
+        return len(self._rows)
 
     def close(self) -> None:
         """Stop the background thread; requests not yet finished fail with a TreadleError."""
@@ -259,6 +286,7 @@ class Sampler:
                         break
                     self._waiting.extend(self._queue)
                     self._queue.clear()
+                self._drop_cancelled()
                 try:
                     self._admit_waiting()
                     if self._rows:
@@ -282,6 +310,12 @@ class Sampler:
         if self._cache.num_slots * self._cache.capacity > _IDLE_CACHE_TOKENS:
             self._cache.reset()
 
+    def _drop_cancelled(self) -> None:
+        """Requests whose future was cancelled by their caller leave the batch and the queue."""
+        for r in {row.request for row in self._rows} | set(self._waiting):
+            if r.future.cancelled():
+                self._fail(r, concurrent.futures.CancelledError())
+
     def _fail(self, r: _Request, err: BaseException) -> None:
         """Resolve `r` with `err` and drop its rows and queued samples (its batch-mates go on)."""
         if r.done:
@@ -290,7 +324,8 @@ class Sampler:
         self._rows = [row for row in self._rows if row.request is not r]
         with contextlib.suppress(ValueError):
             self._waiting.remove(r)
-        if not r.future.done():
+        # The caller may cancel the future at any moment from its own thread.
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
             r.future.set_exception(err)
 
     def _hook(self, adapter_ids: Sequence[str | None]) -> LoraHook | None:
@@ -524,8 +559,16 @@ class Sampler:
 
     def _accept(self, row: _Row, token: int, logprob: float) -> None:
         r = row.request
+        if r.done:  # failed earlier in this step (a batch-mate's callback raised)
+            return
         row.generated.append(token)
         row.logprobs.append(logprob)
+        if r.on_token is not None:
+            try:
+                r.on_token(row.index, token, logprob)
+            except Exception as e:  # noqa: BLE001 - a caller's callback fails its own request, never the loop
+                self._fail(r, e)
+                return
         reason: Literal["stop", "length"] | None = None
         if token in r.stop.token_ids:
             reason = "stop"
@@ -546,11 +589,11 @@ class Sampler:
         if r.rows_left == 0 and not r.done:
             r.done = True
             seqs = [s for s in r.sequences if s is not None]
-            r.future.set_result(
-                SampleResult(
-                    sequences=seqs,
-                    prompt_logprobs=r.prompt_logprobs,
-                    topk_prompt_logprobs=r.topk_prompt_logprobs,
-                    prompt_cache_hit_tokens=r.prompt_cache_hit_tokens,
-                )
+            result = SampleResult(
+                sequences=seqs,
+                prompt_logprobs=r.prompt_logprobs,
+                topk_prompt_logprobs=r.topk_prompt_logprobs,
+                prompt_cache_hit_tokens=r.prompt_cache_hit_tokens,
             )
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+                r.future.set_result(result)
