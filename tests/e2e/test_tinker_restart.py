@@ -4,15 +4,18 @@ error of category `server` instead of hanging (invariant 4)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import tinker
 from tinker import types
 
 from tests.e2e.conftest import API_KEY, ServerProcess
+from treadle.store.db import metadata
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +33,22 @@ def _datum() -> types.Datum:
     )
 
 
-def test_crash_restart_resume(e2e_model_dir: Path, tmp_path: Path) -> None:
-    server = ServerProcess(e2e_model_dir, tmp_path / "data")
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_args(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The default SQLite file in the data dir, and a real PostgreSQL server when CI provides one."""
+    if request.param == "sqlite":
+        return ()
+    url = os.environ.get("TREADLE_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set TREADLE_TEST_POSTGRES_URL to run the restart test on PostgreSQL")
+    engine = sa.create_engine(url)
+    metadata.drop_all(engine)
+    engine.dispose()
+    return ("--db-url", url)
+
+
+def test_crash_restart_resume(e2e_model_dir: Path, tmp_path: Path, db_args: tuple[str, ...]) -> None:
+    server = ServerProcess(e2e_model_dir, tmp_path / "data", *db_args)
     server.start()
     try:
         sc = tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY)

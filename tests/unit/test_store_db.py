@@ -1,19 +1,38 @@
-"""The metadata DB on a real SQLite file: future dedupe, restart recovery, checkpoint listing/TTL, sessions."""
+"""The metadata DB on a real SQLite file and, when `TREADLE_TEST_POSTGRES_URL` names one (CI starts a local
+PostgreSQL), on a real Postgres server: future dedupe, restart recovery, checkpoint listing/TTL, sessions."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from treadle.store import CheckpointRow, MetadataStore, RunRow, SessionRow, utcnow
+from treadle.store.db import metadata
+
+POSTGRES_URL = os.environ.get("TREADLE_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'meta.db'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("set TREADLE_TEST_POSTGRES_URL to run the store tests on PostgreSQL")
+    engine = sa.create_engine(POSTGRES_URL)
+    metadata.drop_all(engine)  # each test starts from an empty schema
+    engine.dispose()
+    yield POSTGRES_URL
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[MetadataStore]:
-    s = MetadataStore(f"sqlite:///{tmp_path / 'meta.db'}")
+def store(db_url: str) -> Iterator[MetadataStore]:
+    s = MetadataStore(db_url)
     yield s
     s.close()
 
@@ -25,8 +44,8 @@ def test_retried_submission_maps_to_the_same_future(store: MetadataStore) -> Non
     assert store.get_future("r2") is None
 
 
-def test_restart_fails_pending_futures_and_keeps_results(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'meta.db'}"
+def test_restart_fails_pending_futures_and_keeps_results(db_url: str) -> None:
+    url = db_url
     first = MetadataStore(url)
     first.add_future("done", "a", "optim_step", None)
     first.finish_future("done", result_json='{"metrics": {}}')
