@@ -10,7 +10,7 @@ if ! command -v pg_ctlcluster >/dev/null 2>&1; then
 fi
 version=$(ls /usr/lib/postgresql | sort -n | tail -1)
 [ -d "/etc/postgresql/$version/main" ] || pg_createcluster "$version" main >/dev/null
-pg_ctlcluster "$version" main start 2>/dev/null || pg_ctlcluster "$version" main status >/dev/null
+pg_ctlcluster "$version" main start >/dev/null 2>&1 || pg_ctlcluster "$version" main status >/dev/null
 for _ in $(seq 30); do su postgres -c "pg_isready -q" && break; sleep 1; done
 su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='treadle'\"" | grep -q 1 ||
   su postgres -c "psql -q -c \"CREATE USER treadle PASSWORD 'treadle' SUPERUSER\""
