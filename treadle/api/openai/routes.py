@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from treadle.api.openai.backend import OpenAIBackend
 from treadle.api.openai.chat import end_of_turn_ids, parse_tool_calls, render_chat
 from treadle.api.openai.generation import Choice, GenerationSpec, generate
+from treadle.api.openai.live import LiveGeneration
 from treadle.api.openai.responses import (
     chat_logprobs,
     completion_logprobs,
@@ -28,7 +29,14 @@ from treadle.api.openai.responses import (
     usage,
 )
 from treadle.api.openai.schemas import ChatCompletionRequest, CompletionRequest, parse_request
-from treadle.api.openai.streaming import chat_chunks, completion_chunks, sse_response
+from treadle.api.openai.streaming import (
+    chat_chunks,
+    completion_chunks,
+    live_chat_chunks,
+    live_completion_chunks,
+    live_sse_response,
+    sse_response,
+)
 from treadle.errors import NotFoundError, TreadleError, UserError
 
 if TYPE_CHECKING:
@@ -96,8 +104,18 @@ async def chat_completions(backend: OpenAIBackend, request: Request) -> Response
         stop_token_ids=_stop_ids(engine, chat=True),
         top_logprobs=req.top_logprobs or 0,
     )
-    choices = await generate(engine, adapter_id, spec)
     names = {t.function.name for t in tools or []}
+    want_usage = req.stream_options is not None and req.stream_options.include_usage
+    # Live unless the reply must be whole first: a tool call is only recognisable once complete, and top-k
+    # alternatives come from re-scoring the finished reply.
+    if req.stream and not names and spec.top_logprobs == 0:
+        head = _head("chatcmpl", "chat.completion.chunk", req.model)
+        live = LiveGeneration(engine, adapter_id, [spec])  # submits now: bad input is a 4xx, not a stream
+        chunks = live_chat_chunks(
+            head, engine.tokenizer, live, logprobs=req.logprobs, include_usage=want_usage
+        )
+        return live_sse_response(live, chunks)
+    choices = await generate(engine, adapter_id, spec)
     calls = [parse_tool_calls(c.text, names) for c in choices]
     if not req.parallel_tool_calls:
         calls = [(content, found[:1]) for content, found in calls]
@@ -105,7 +123,6 @@ async def chat_completions(backend: OpenAIBackend, request: Request) -> Response
     use = usage(len(spec.prompt), choices)
     if req.stream:
         head["object"] = "chat.completion.chunk"
-        want_usage = req.stream_options is not None and req.stream_options.include_usage
         return sse_response(
             chat_chunks(
                 head,
@@ -182,14 +199,23 @@ async def completions(backend: OpenAIBackend, request: Request) -> Response:
         )
         for ids in prompts
     ]
+    want_lp = req.logprobs is not None
+    want_usage = req.stream_options is not None and req.stream_options.include_usage
+    if (
+        req.stream and not req.logprobs
+    ):  # logprobs > 0 asks for top-k alternatives: those need the whole reply
+        head = _head("cmpl", "text_completion", req.model)
+        live = LiveGeneration(engine, adapter_id, specs)
+        chunks = live_completion_chunks(
+            head, engine.tokenizer, live, logprobs=want_lp, include_usage=want_usage
+        )
+        return live_sse_response(live, chunks)
     # All prompts go to the sampler at once so they are decoded in the same continuous batch.
     per_prompt = await asyncio.gather(*(generate(engine, adapter_id, s) for s in specs))
     choices = [c for cs in per_prompt for c in cs]
     head = _head("cmpl", "text_completion", req.model)
     use = usage(sum(len(p) for p in prompts), choices)
-    want_lp = req.logprobs is not None
     if req.stream:
-        want_usage = req.stream_options is not None and req.stream_options.include_usage
         return sse_response(
             completion_chunks(
                 head, engine.tokenizer, choices, logprobs=want_lp, usage=use if want_usage else None
