@@ -110,12 +110,12 @@ TEMPERATURES = [pytest.param(0.0, None, id="greedy"), pytest.param(1.0, 1234, id
 
 @pytest.mark.parametrize(("temperature", "seed"), TEMPERATURES)
 def test_tiny_alone_equals_in_batch(det_engine: Engine, temperature: float, seed: int | None) -> None:
+    vocab = det_engine.info.vocab_size
     rng = random.Random(5)
-    target = SampleRequest(
-        None, _random_prompt(rng, det_engine.info.vocab_size, 30), _params(temperature, 16, seed)
-    )
+    # 120 prompt tokens + 16 new: decode crosses the 128-key split boundary; batch-mates have 1..150 tokens
+    target = SampleRequest(None, [rng.randrange(vocab) for _ in range(120)], _params(temperature, 16, seed))
     alone, crowded, rows_per_step = _alone_and_in_crowd(
-        det_engine.sampler, target, vocab=det_engine.info.vocab_size, rng_seed=11
+        det_engine.sampler, target, vocab=vocab, rng_seed=11, max_prompt=150
     )
     assert rows_per_step > 2, "the crowd must actually decode in shared batches"
     _assert_bitwise_equal(alone, crowded)
@@ -126,8 +126,10 @@ def test_default_model_alone_equals_in_batch(
     default_sampler: Sampler, embedded_model: LoadedModel, temperature: float, seed: int | None
 ) -> None:
     vocab = embedded_model.config.vocab_size
-    prompt = embedded_model.tokenizer.encode("The three most useful things to know about rivers are")
-    target = SampleRequest(None, [int(t) for t in prompt], _params(temperature, 6, seed))
+    text = "Rivers carve valleys, carry sediment to the sea and give towns their water. " * 6
+    prompt = [int(t) for t in embedded_model.tokenizer.encode(text)][:60]
+    assert len(prompt) == 60  # + 8 new tokens: decode crosses the 64-key split boundary
+    target = SampleRequest(None, prompt, _params(temperature, 8, seed))
     with ops.mode("batch_invariant"):
         alone, crowded, rows_per_step = _alone_and_in_crowd(
             default_sampler, target, vocab=vocab, rng_seed=23, max_prompt=16
