@@ -189,8 +189,12 @@ def test_multiplayer_rl_guess_number(server: ServerProcess, tmp_path: Path) -> N
         "eval_every=0",
         "save_every=0",
     )
-    assert_two_finite_steps(rows, "env/all/reward/total", "env/all/turns_per_episode")
+    assert_two_finite_steps(
+        rows, "env/all/reward/total", "env/all/turns_per_episode", "optim/kl_sample_train_v1"
+    )
     for row in rows:
         assert row["env/all/total_episodes"] == 2
         assert 1.0 <= row["env/all/turns_per_episode"] <= 10.0  # the env's MAX_TURNS
+    # Multi-turn: later turns are sampled on prompts that extend earlier ones (prefix reuse in the sampler).
+    assert_sampler_matches_trainer(rows)
     assert_final_checkpoint(log_path)
