@@ -23,7 +23,7 @@ from treadle.api.openai import make_router
 from treadle.api.openai.generation import GenerationSpec, finish_sequence
 from treadle.api.openai.live import IncrementalText, held_back
 from treadle.engine.engine import Engine
-from treadle.engine.types import SampledSequence
+from treadle.engine.types import LoraConfig, SampledSequence
 from treadle.errors import AuthError, NotFoundError
 
 BASE = "tiny-llama"
@@ -44,9 +44,11 @@ class Backend:
         return [BASE]
 
     def resolve(self, model: str, owner: str) -> tuple[Engine, str | None]:
-        if model != BASE:
-            raise NotFoundError(f"no model named {model!r}", field="model")
-        return self.engine, None
+        if model == BASE:
+            return self.engine, None
+        if model.startswith("adapter:"):  # an adapter loaded in the engine, by id
+            return self.engine, model.removeprefix("adapter:")
+        raise NotFoundError(f"no model named {model!r}", field="model")
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +196,25 @@ def test_completions_stream_equals_non_stream_for_many_prompts(base_url: str) ->
     texts, _, _, lps = _collect(client.completions.create(stream=True, **greedy), chat=False)
     assert texts[0] == one.text
     assert one.logprobs is not None and lps[0] == one.logprobs.token_logprobs
+
+
+def test_failure_mid_stream_ends_with_an_error_event(base_url: str, engine: Engine) -> None:
+    engine.create_adapter("doomed", LoraConfig(rank=4, seed=0))
+    body = {"model": "adapter:doomed", "prompt": "Once upon a time", "max_tokens": LONG, "stream": True}
+    events: list[str] = []
+    with httpx.stream(
+        "POST", f"{base_url}/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=300
+    ) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line)
+            if len(events) == 1:
+                engine.remove_adapter("doomed")  # the sampler fails the request at its next step
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert "error" in last and last["error"]["message"]
+    assert "data: [DONE]" not in events
+    _wait_until_idle(engine)
 
 
 def test_stream_rejects_bad_input_before_streaming(base_url: str) -> None:

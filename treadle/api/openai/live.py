@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ from treadle.errors import TreadleError
 
 if TYPE_CHECKING:
     from treadle.engine.engine import Engine
+
+log = logging.getLogger(__name__)
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -214,6 +217,8 @@ class LiveGeneration:
             sent, attached = (inc.text[: inc.released], inc.attached) if inc is not None else ("", 0)
             # Incremental decoding agrees with whole-sequence decoding for the tokenizers we serve; the finished
             # text is authoritative for whatever was not sent yet.
+            if not c.text.startswith(sent):
+                log.warning("openai stream: incremental text diverged from the final text; tail dropped")
             tail = c.text[len(sent) :] if c.text.startswith(sent) else ""
             if tail or attached < len(c.token_ids):
                 yield Delta(p.first_index + i, tail, c, min(attached, len(c.token_ids)), len(c.token_ids))
