@@ -171,10 +171,6 @@ class LiveGeneration:
         for p in self._pending:
             p.future.cancel()
 
-    @property
-    def futures(self) -> list[concurrent.futures.Future[SampleResult]]:
-        return [p.future for p in self._pending]
-
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas in arrival order, each choice closed by a `finish` delta; raises the request's error if
         generation fails midway."""
