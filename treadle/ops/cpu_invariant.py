@@ -32,6 +32,7 @@ import torch.nn.functional as F
 ROW_ALIGN = 4
 ROW_CHUNK = 1024
 KV_SPLIT = 64
+Q_BLOCK = 512  # query rows per attention pass: bounds the scores held between its two passes to Q_BLOCK × S
 _FOLD = 2  # slices added before halving: few elementwise ops, at most 2× padding
 
 
@@ -153,6 +154,30 @@ def _split_groups(starts: list[int], Tp: int) -> list[tuple[int, int, int]]:
 
 
 def attention(
+    q_B_H_T_d: torch.Tensor,
+    k_B_H_S_d: torch.Tensor,
+    v_B_H_S_d: torch.Tensor,
+    mask_B_T_S: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Split-KV attention (see `_attention_block`) over blocks of `Q_BLOCK` query rows.
+
+    A query row's result does not depend on the other rows of its call (the chunked-prefill invariant), so
+    blocking only bounds memory; `Q_BLOCK` is a multiple of `ROW_ALIGN`, so a block pads no rows but the last.
+    """
+    T = q_B_H_T_d.shape[2]
+    if T <= Q_BLOCK:
+        return _attention_block(q_B_H_T_d, k_B_H_S_d, v_B_H_S_d, mask_B_T_S, scale)
+    blocks = [
+        _attention_block(
+            q_B_H_T_d[:, :, t : t + Q_BLOCK], k_B_H_S_d, v_B_H_S_d, mask_B_T_S[:, t : t + Q_BLOCK], scale
+        )
+        for t in range(0, T, Q_BLOCK)
+    ]
+    return torch.cat(blocks, dim=2)
+
+
+def _attention_block(
     q_B_H_T_d: torch.Tensor,
     k_B_H_S_d: torch.Tensor,
     v_B_H_S_d: torch.Tensor,
