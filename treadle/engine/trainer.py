@@ -73,10 +73,15 @@ def _microbatches(rows: list[_Row], budget: int) -> list[list[_Row]]:
     return out
 
 
-def _target_logprobs(logprobs_T_V: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if targets.dim() == 1:
-        return logprobs_T_V.gather(-1, targets[:, None]).squeeze(-1)
-    return logprobs_T_V.gather(-1, targets)  # (N, K) top-K distillation targets
+def _targets_B_T_K(row_inputs: list[dict[str, torch.Tensor]], T: int, device: torch.device) -> torch.Tensor:
+    """Every row's target ids, zero-padded to (B, T, K); K > 1 only for (N, K) top-K distillation targets."""
+    targets = [inp["target_tokens"].long() for inp in row_inputs]
+    K = max(1 if t.dim() == 1 else int(t.shape[1]) for t in targets)
+    out = torch.zeros(len(targets), T, K, dtype=torch.long, device=device)
+    for b, t in enumerate(targets):
+        t2 = t[:, None] if t.dim() == 1 else t
+        out[b, : t2.shape[0], : t2.shape[1]] = t2
+    return out
 
 
 def forward_backward(
@@ -115,13 +120,17 @@ def forward_backward(
         with torch.set_grad_enabled(train):
             hidden = model(tokens_B_T, lora=hook)
             logprobs_B_T_V = model.logprobs(hidden, hook)
+            row_inputs = [{k: v.to(device) for k, v in r.datum.loss_fn_inputs.items()} for r in mb]
+            # One gather for the whole micro-batch: its backward is one scatter into (B, T, V) instead of
+            # one full-size zero tensor per row.
+            lp_B_T_K = logprobs_B_T_V.gather(-1, _targets_B_T_K(row_inputs, T, device))
             total: torch.Tensor | None = None
             for b, r in enumerate(mb):
                 req = requests[r.request]
                 n = int(r.datum.tokens.numel())
-                inputs = {k: v.to(device) for k, v in r.datum.loss_fn_inputs.items()}
-                targets = inputs["target_tokens"].long()
-                lp = _target_logprobs(logprobs_B_T_V[b, :n], targets)
+                inputs = row_inputs[b]
+                targets = inputs["target_tokens"]
+                lp = lp_B_T_K[b, :n, 0] if targets.dim() == 1 else lp_B_T_K[b, :n, : targets.shape[1]]
                 out = losses.compute(req.loss_fn, lp, inputs, req.loss_fn_config)
                 outputs.setdefault(r.request, {})[datum_index[id(r.datum)]] = (lp.detach(), out)
                 if not req.forward_only:
