@@ -78,6 +78,12 @@ class FutureHub:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(entry.event.set)
 
+    def owner_of(self, request_id: str) -> str | None:
+        """The owner of a request still pending in this process (None otherwise)."""
+        with self._lock:
+            entry = self._pending.get(request_id)
+        return entry.owner if entry is not None else None
+
     def fail(self, request_id: str, err: TreadleError) -> None:
         self.resolve(request_id, Outcome(error=err.message, category=err.category))
 

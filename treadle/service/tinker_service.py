@@ -87,6 +87,8 @@ class TinkerService:
         self.blobs = BlobStore(cfg.data_dir / "checkpoints")
         self.signer = UrlSigner(cfg.data_dir / "url-signing.key")
         self.hub = FutureHub(store)
+        # in-flight sampling futures by request id, so cancel_future can stop their generation
+        self._sampling: dict[str, concurrent.futures.Future[Any]] = {}
         self._models: dict[str, _Model] = {}
         self._samplers: dict[str, _Sampler] = {}
         self.completions = CompletionLog()
@@ -620,6 +622,7 @@ class TinkerService:
             resolve = self._done(rid, lambda res: self.codec.sample(res, req))
 
             def done(outcome: object) -> None:
+                self._sampling.pop(rid, None)
                 resolve(outcome)
                 self.completions.record_threadsafe(sampler_id, rid, isinstance(outcome, TreadleError))
 
@@ -628,6 +631,7 @@ class TinkerService:
             except TreadleError as e:
                 done(e)
             else:
+                self._sampling[rid] = fut
                 fut.add_done_callback(lambda f: self._resolver.submit(done, _future_outcome(f)))
         return rid, [f"{rid}:{i}" for i in range(req.num_samples)]
 
@@ -661,6 +665,14 @@ class TinkerService:
             f"model's max_context_length {max_ctx}",
         )
         require(0 <= req.topk_prompt_logprobs <= 100, "topk_prompt_logprobs", "must be in 0..100")
+
+    def cancel(self, owner: str, request_id: str) -> bool:
+        """Stop a sampling request's generation (protocol §4.3); its future resolves with a `user` error.
+        Training ops are never cancelled: later seq_ids depend on them. Unknown or finished ids: no-op."""
+        if self.hub.owner_of(request_id) != owner:
+            return False
+        fut = self._sampling.get(request_id)
+        return fut.cancel() if fut is not None else False
 
     async def retrieve(self, owner: str, request_id: str, timeout_s: float | None = None) -> Outcome | None:
         return await self.hub.wait(
@@ -819,6 +831,8 @@ class TinkerService:
 def _future_outcome(f: Any) -> object:
     try:
         return f.result()
+    except concurrent.futures.CancelledError:
+        return UserError("request_id: the request was cancelled (cancel_future)", field="request_id")
     except TreadleError as e:
         return e
     except Exception as e:

@@ -349,8 +349,9 @@ def make_router(service: TinkerService) -> APIRouter:
 
     @r.post("/cancel_future")
     async def cancel_future(request: Request) -> dict[str, Any]:
-        owner(request)
-        return {}  # optional in the protocol (§4.3): work already queued simply completes
+        who, f = owner(request), await fields(request)
+        # Protocol §4.3: the SDK ignores the answer; sampling requests stop generating, others complete.
+        return {"cancelled": service.cancel(who, f.get("request_id", str))}
 
     # ---- REST (protocol §10) --------------------------------------------------------------------------
     @r.get("/training_runs")
