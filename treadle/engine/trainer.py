@@ -20,9 +20,11 @@ DEFAULT_MICROBATCH_TOKENS = 4096
 
 @dataclasses.dataclass
 class _Row:
-    request: int
+    request: int  # index of the request in the call
+    index: int  # index of the datum in its request
     datum: Datum
     adapter_id: str | None
+    forward_only: bool
 
 
 def validate_request(req: ForwardBackwardRequest, bank: AdapterBank, vocab_size: int, max_len: int) -> None:
@@ -84,6 +86,39 @@ def _targets_B_T_K(row_inputs: list[dict[str, torch.Tensor]], T: int, device: to
     return out
 
 
+def _run_microbatch(
+    model: CausalLM, bank: AdapterBank, mb: list[_Row], requests: list[ForwardBackwardRequest]
+) -> list[tuple[_Row, torch.Tensor, losses.LossOutput]]:
+    """One model pass over rows of possibly different adapters; backward of the training rows' summed loss."""
+    device = next(model.parameters()).device
+    T = max(int(r.datum.tokens.numel()) for r in mb)
+    tokens_B_T = torch.zeros(len(mb), T, dtype=torch.long, device=device)
+    for b, r in enumerate(mb):
+        tokens_B_T[b, : r.datum.tokens.numel()] = r.datum.tokens.to(device)
+    # forward-only rows must not leave (zero) gradients that a later optim_step would act on
+    train_ids = {r.adapter_id for r in mb if r.adapter_id is not None and not r.forward_only}
+    hook = bank.hook([r.adapter_id for r in mb], train_ids=train_ids)
+    out: list[tuple[_Row, torch.Tensor, losses.LossOutput]] = []
+    with torch.set_grad_enabled(bool(train_ids)):
+        logprobs_B_T_V = model.logprobs(model(tokens_B_T, lora=hook), hook)
+        row_inputs = [{k: v.to(device) for k, v in r.datum.loss_fn_inputs.items()} for r in mb]
+        # One gather for the whole micro-batch: its backward is one scatter into (B, T, V) instead of
+        # one full-size zero tensor per row.
+        lp_B_T_K = logprobs_B_T_V.gather(-1, _targets_B_T_K(row_inputs, T, device))
+        total: torch.Tensor | None = None
+        for b, r in enumerate(mb):
+            req = requests[r.request]
+            n, targets = int(r.datum.tokens.numel()), row_inputs[b]["target_tokens"]
+            lp = lp_B_T_K[b, :n, 0] if targets.dim() == 1 else lp_B_T_K[b, :n, : targets.shape[1]]
+            loss = losses.compute(req.loss_fn, lp, row_inputs[b], req.loss_fn_config)
+            out.append((r, lp.detach(), loss))
+            if not r.forward_only:
+                total = loss.loss if total is None else total + loss.loss
+        if total is not None and total.requires_grad:
+            total.backward()
+    return out
+
+
 def forward_backward(
     model: CausalLM,
     bank: AdapterBank,
@@ -93,6 +128,7 @@ def forward_backward(
     max_len: int,
     microbatch_tokens: int = DEFAULT_MICROBATCH_TOKENS,
 ) -> list[ForwardBackwardResult | TreadleError]:
+    """Run every valid request in shared micro-batches; an invalid request fails alone (its slot holds the error)."""
     results: list[ForwardBackwardResult | TreadleError | None] = [None] * len(requests)
     rows: list[_Row] = []
     for i, req in enumerate(requests):
@@ -101,56 +137,25 @@ def forward_backward(
         except TreadleError as e:
             results[i] = e
             continue
-        rows.extend(_Row(i, d, req.adapter_id) for d in req.data)
+        rows.extend(_Row(i, j, d, req.adapter_id, req.forward_only) for j, d in enumerate(req.data))
 
-    outputs: dict[int, dict[int, tuple[torch.Tensor, losses.LossOutput]]] = {}
-    datum_index = {id(d): j for req in requests for j, d in enumerate(req.data)}
-    device = next(model.parameters()).device
+    per_datum: dict[tuple[int, int], tuple[torch.Tensor, losses.LossOutput]] = {}
     for mb in _microbatches(rows, microbatch_tokens):
-        train = any(not requests[r.request].forward_only for r in mb)
-        T = max(int(r.datum.tokens.numel()) for r in mb)
-        tokens_B_T = torch.zeros(len(mb), T, dtype=torch.long, device=device)
-        for b, r in enumerate(mb):
-            tokens_B_T[b, : r.datum.tokens.numel()] = r.datum.tokens.to(device)
-        # forward-only rows must not leave (zero) gradients that a later optim_step would act on
-        train_ids = {
-            r.adapter_id for r in mb if r.adapter_id is not None and not requests[r.request].forward_only
-        }
-        hook = bank.hook([r.adapter_id for r in mb], train_ids=train_ids)
-        with torch.set_grad_enabled(train):
-            hidden = model(tokens_B_T, lora=hook)
-            logprobs_B_T_V = model.logprobs(hidden, hook)
-            row_inputs = [{k: v.to(device) for k, v in r.datum.loss_fn_inputs.items()} for r in mb]
-            # One gather for the whole micro-batch: its backward is one scatter into (B, T, V) instead of
-            # one full-size zero tensor per row.
-            lp_B_T_K = logprobs_B_T_V.gather(-1, _targets_B_T_K(row_inputs, T, device))
-            total: torch.Tensor | None = None
-            for b, r in enumerate(mb):
-                req = requests[r.request]
-                n = int(r.datum.tokens.numel())
-                inputs = row_inputs[b]
-                targets = inputs["target_tokens"]
-                lp = lp_B_T_K[b, :n, 0] if targets.dim() == 1 else lp_B_T_K[b, :n, : targets.shape[1]]
-                out = losses.compute(req.loss_fn, lp, inputs, req.loss_fn_config)
-                outputs.setdefault(r.request, {})[datum_index[id(r.datum)]] = (lp.detach(), out)
-                if not req.forward_only:
-                    total = out.loss if total is None else total + out.loss
-            if total is not None and total.requires_grad:
-                total.backward()
+        for r, lp, loss in _run_microbatch(model, bank, mb, requests):
+            per_datum[(r.request, r.index)] = (lp, loss)
 
     for i, req in enumerate(requests):
         if results[i] is not None:
             continue
-        per = outputs[i]
-        outs = [per[j][1] for j in range(len(req.data))]
+        done = [per_datum[(i, j)] for j in range(len(req.data))]
         results[i] = ForwardBackwardResult(
             loss_fn_outputs=[
                 {
-                    "logprobs": per[j][0].float().cpu(),
-                    "elementwise_loss": outs[j].elementwise_loss.detach().float().cpu(),
+                    "logprobs": lp.float().cpu(),
+                    "elementwise_loss": loss.elementwise_loss.detach().float().cpu(),
                 }
-                for j in range(len(req.data))
+                for lp, loss in done
             ],
-            metrics=losses.merge_metrics(outs),
+            metrics=losses.merge_metrics([loss for _, loss in done]),
         )
     return [r for r in results if r is not None]
