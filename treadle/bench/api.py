@@ -8,11 +8,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import torch
 
 from treadle.bench.runner import Row
 from treadle.engine.engine import Engine
@@ -58,20 +61,30 @@ def _start_server(model: str, data_dir: str) -> tuple[subprocess.Popen[bytes], s
     raise RuntimeError("treadle serve did not become healthy in 300 s")
 
 
-def bench_api(model: str, *, quick: bool = False) -> list[Row]:
-    import tempfile
+def _timed_calls(fn: Callable[[], object], n: int, warmup: int = 2) -> list[float]:
+    out = []
+    for i in range(n + warmup):
+        t0 = time.perf_counter()
+        fn()
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
+    return out
 
+
+def _through_sdk(
+    model: str, tokens: list[int], n_fwd: int, n_samples: int, new: int
+) -> tuple[list[float], float]:
+    """Forward latencies and the wall time of `n_samples` concurrent samples, SDK → `treadle serve`."""
     import tinker
     from tinker import types
 
-    n_fwd, n_samples, new = (10, 16, 8) if quick else (30, 64, 16)
-    tokens = list(range(100, 116))
     with tempfile.TemporaryDirectory() as data_dir:
         proc, url = _start_server(model, data_dir)
         try:
-            os.environ.setdefault("TINKER_API_KEY", "tml-bench")
-            service = tinker.ServiceClient(base_url=url)
-            tc = service.create_lora_training_client(base_model=model, rank=8)
+            service = tinker.ServiceClient(
+                base_url=url, api_key=os.environ.get("TINKER_API_KEY", "tml-bench")
+            )
+            tc = service.create_lora_training_client(base_model=model, rank=8).result()
             datum = types.Datum(
                 model_input=types.ModelInput.from_ints(tokens[:-1]),
                 loss_fn_inputs={
@@ -79,63 +92,55 @@ def bench_api(model: str, *, quick: bool = False) -> list[Row]:
                     "weights": types.TensorData.from_numpy(np.ones(len(tokens) - 1, dtype=np.float32)),
                 },
             )
-            sdk_lat = []
-            for i in range(n_fwd + 2):
-                t0 = time.perf_counter()
-                tc.forward([datum], "cross_entropy").result()
-                if i >= 2:
-                    sdk_lat.append(time.perf_counter() - t0)
-            sc = service.create_sampling_client(base_model=model)
+            lat = _timed_calls(lambda: tc.forward([datum], "cross_entropy").result(), n_fwd)
+            sc = service.create_sampling_client(base_model=model).result()
             params = types.SamplingParams(max_tokens=new, temperature=1.0, seed=1, stop=[])
             prompt = types.ModelInput.from_ints(tokens)
 
-            def sdk_samples() -> float:
-                t0 = time.perf_counter()
+            def samples() -> None:
                 with ThreadPoolExecutor(n_samples) as ex:
                     list(ex.map(lambda _: sc.sample(prompt, 1, params).result(), range(n_samples)))
-                return time.perf_counter() - t0
 
-            sdk_samples()
-            t_sdk = sdk_samples()
+            return lat, statistics.median(_timed_calls(samples, 1, warmup=1))
         finally:
             proc.terminate()
             proc.wait(30)
 
+
+def _in_process(
+    model: str, tokens: list[int], n_fwd: int, n_samples: int, new: int
+) -> tuple[list[float], float]:
+    """The same work on an in-process Engine."""
     engine = Engine(model)
     try:
         engine.create_adapter("bench", LoraConfig(rank=8, seed=0))
-        import torch
-
         t = torch.tensor(tokens)
         d = Datum(t[:-1], {"target_tokens": t[1:], "weights": torch.ones(len(tokens) - 1)})
-        local_lat = []
-        for i in range(n_fwd + 2):
-            t0 = time.perf_counter()
-            engine.forward_backward(
-                [ForwardBackwardRequest("bench", [d], "cross_entropy", forward_only=True)]
-            )
-            if i >= 2:
-                local_lat.append(time.perf_counter() - t0)
+        fwd = ForwardBackwardRequest("bench", [d], "cross_entropy", forward_only=True)
+        lat = _timed_calls(lambda: engine.forward_backward([fwd]), n_fwd)
         sp = SamplingParams(max_tokens=new, temperature=1.0, seed=1, stop=())
 
-        def local_samples() -> float:
-            t0 = time.perf_counter()
+        def samples() -> None:
             for f in [engine.sample(SampleRequest(None, tokens, sp)) for _ in range(n_samples)]:
                 f.result()
-            return time.perf_counter() - t0
 
-        local_samples()
-        t_local = local_samples()
+        return lat, statistics.median(_timed_calls(samples, 1, warmup=1))
     finally:
         engine.close()
 
+
+def bench_api(model: str, *, quick: bool = False) -> list[Row]:
+    n_fwd, n_samples, new = (10, 16, 8) if quick else (30, 64, 16)
+    tokens = list(range(100, 116))
+    sdk_lat, t_sdk = _through_sdk(model, tokens, n_fwd, n_samples, new)
+    local_lat, t_local = _in_process(model, tokens, n_fwd, n_samples, new)
     p50_sdk, p50_local = statistics.median(sdk_lat) * 1e3, statistics.median(local_lat) * 1e3
-    added = p50_sdk - p50_local
     print(
-        f"forward p50: SDK {p50_sdk:.1f} ms, in-process {p50_local:.1f} ms, added {added:.1f} ms (target ≤ 10 ms)"
+        f"forward p50: SDK {p50_sdk:.1f} ms, in-process {p50_local:.1f} ms, "
+        f"added {p50_sdk - p50_local:.1f} ms (target ≤ 10 ms)"
     )
     return [
-        # expressed as a ratio so it reads like the other rows: in-process latency / SDK latency
+        # latency as a rate so it reads like the other rows (higher is better)
         Row("small forward: SDK vs in-process (1/p50 ms)", 1e3 / p50_sdk, 1e3 / p50_local, "1/s", 0.0),
         Row(
             f"{n_samples} concurrent samples: SDK vs in-process",
