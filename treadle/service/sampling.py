@@ -1,0 +1,188 @@
+"""Sampling sessions (base model, checkpoint or in-memory snapshot), sample requests, their cancellation,
+and retrieving futures; a sample resolves on the resolver thread so generation never waits on the DB."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any
+
+from treadle.engine.types import SampleRequest
+from treadle.errors import NotFoundError, TreadleError, UserError, require
+from treadle.service import paths
+from treadle.service.paths import CheckpointRef
+from treadle.service.state import LoadedSampler, ServiceState
+from treadle.service.workers import Worker
+from treadle.store import SamplerRow
+
+
+class Sampling:
+    def __init__(self, state: ServiceState) -> None:
+        self.s = state
+
+    async def create_sampling_session(
+        self,
+        owner: str,
+        session_id: str,
+        sampling_seq_id: int,
+        base_model: str | None,
+        model_path: str | None,
+    ) -> str:
+        s = self.s
+        s.active_session(owner, session_id)
+        sid = paths.sampler_id(session_id, sampling_seq_id)
+        existing = s.store.get_sampler(sid)
+        if existing is not None:
+            return sid  # a retried create
+        if model_path:
+            ref = paths.parse_path(model_path, "model_path")
+            target = await self._checkpoint_sampler(owner, ref)
+        else:
+            if not base_model:
+                raise UserError("base_model: give a base_model or a model_path", field="base_model")
+            target = LoadedSampler(s.pool.get(base_model), None)
+        s.store.add_sampler(
+            SamplerRow(
+                sid,
+                session_id,
+                owner,
+                target.worker.name,
+                model_path or None,
+                "checkpoint" if model_path else "base",
+            )
+        )
+        s.samplers[sid] = target
+        return sid
+
+    async def _checkpoint_sampler(self, owner: str, ref: CheckpointRef) -> LoadedSampler:
+        self.s.check_loadable(owner, ref, optimizer=False)
+        run = self.s.store.get_run(ref.run_id)
+        if run is None:
+            raise NotFoundError(
+                f"model_path: the training run of {ref.path!r} no longer exists", field="model_path"
+            )
+        worker = self.s.pool.get(run.base_model, "model_path")
+        adapter_id = await self.checkpoint_adapter(worker, ref)
+        return LoadedSampler(worker, adapter_id)
+
+    async def checkpoint_adapter(self, worker: Worker, ref: CheckpointRef) -> str:
+        """Load a checkpoint into the engine once, shared by every sampler of that path."""
+        adapter_id = f"ckpt:{ref.path}"
+        directory = self.s.blobs.path(ref.run_id, ref.kind, ref.name)
+        engine = worker.engine
+
+        def load() -> None:
+            if not engine.has_adapter(adapter_id):
+                engine.load_adapter(adapter_id, directory, optimizer=False)
+
+        await worker.run(load)
+        return adapter_id
+
+    async def _sampler(self, owner: str, sampler_id: str) -> LoadedSampler:
+        row = self.s.store.get_sampler(sampler_id)
+        if row is None or row.owner != owner:
+            raise NotFoundError(
+                f"sampling_session_id: no sampler {sampler_id!r} for this API key",
+                field="sampling_session_id",
+            )
+        target = self.s.samplers.get(sampler_id)
+        if target is not None:
+            return target
+        if row.source == "checkpoint" and row.model_path:  # after a restart: reload from the checkpoint
+            target = await self._checkpoint_sampler(owner, paths.parse_path(row.model_path, "model_path"))
+        elif row.source == "snapshot":
+            raise NotFoundError(
+                f"sampling_session_id: {sampler_id!r} sampled in-memory weights that were released "
+                "(newer snapshots replaced them, the session ended or the server restarted)",
+                field="sampling_session_id",
+            )
+        else:
+            target = LoadedSampler(self.s.pool.get(row.base_model), None)
+        self.s.samplers[sampler_id] = target
+        return target
+
+    def get_sampler(self, owner: str, sampler_id: str) -> dict[str, Any]:
+        row = self.s.store.get_sampler(sampler_id)
+        if row is None or row.owner != owner:
+            raise NotFoundError(f"sampler_id: no sampler {sampler_id!r} for this API key", field="sampler_id")
+        out: dict[str, Any] = {"sampler_id": sampler_id, "base_model": row.base_model}
+        if row.model_path:
+            out["model_path"] = row.model_path
+        return out
+
+    async def sample(
+        self, owner: str, sampler_id: str, seq_id: int, req: SampleRequest
+    ) -> tuple[str, list[str]]:
+        s = self.s
+        target = await self._sampler(owner, sampler_id)
+        engine = target.worker.engine
+        self._validate_sample(req, engine.info.vocab_size, engine.info.max_context_length)
+        req.adapter_id = target.adapter_id
+        rid, new = s.hub.create(owner, "sample", f"sample:{sampler_id}:{seq_id}")
+        if new:
+            s.completions.bind()
+            resolve = s.done(rid, lambda res: s.codec.sample(res, req))
+
+            def done(outcome: object) -> None:
+                s.sampling.pop(rid, None)
+                resolve(outcome)
+                s.completions.record_threadsafe(sampler_id, rid, isinstance(outcome, TreadleError))
+
+            try:
+                fut = engine.sample(req)
+            except TreadleError as e:
+                done(e)
+            else:
+                s.sampling[rid] = fut
+                fut.add_done_callback(lambda f: s.resolver.submit(done, _future_outcome(f)))
+        return rid, [f"{rid}:{i}" for i in range(req.num_samples)]
+
+    async def retrieve_futures(
+        self, owner: str, sampler_id: str, prev_cursor: int, timeout_s: float
+    ) -> tuple[list[tuple[str, str]], int]:
+        """Completed requests of one sampler after `prev_cursor` (long-polls up to `timeout_s`, ≤ 30 s)."""
+        row = self.s.store.get_sampler(sampler_id)
+        if row is None or row.owner != owner:
+            raise NotFoundError(
+                f"target.sampling_session_id: no sampler {sampler_id!r} for this API key",
+                field="target.sampling_session_id",
+            )
+        return await self.s.completions.since(sampler_id, prev_cursor, min(max(timeout_s, 0.0), 30.0))
+
+    def _validate_sample(self, req: SampleRequest, vocab: int, max_ctx: int) -> None:
+        max_num_samples = self.s.cfg.max_num_samples
+        req.params.validate(vocab)
+        require(
+            isinstance(req.num_samples, int) and 1 <= req.num_samples <= max_num_samples,
+            "num_samples",
+            f"must be an integer in 1..{max_num_samples}, got {req.num_samples!r}",
+        )
+        require(len(req.prompt) > 0, "prompt", "must contain at least one token")
+        bad = [t for t in req.prompt if not 0 <= t < vocab]
+        require(not bad, "prompt", f"token ids must be in 0..{vocab - 1}, got {bad[:5]}")
+        total = len(req.prompt) + req.params.max_tokens
+        require(
+            total <= max_ctx,
+            "sampling_params.max_tokens",
+            f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.params.max_tokens}) = {total} exceeds the "
+            f"model's max_context_length {max_ctx}",
+        )
+        require(0 <= req.topk_prompt_logprobs <= 100, "topk_prompt_logprobs", "must be in 0..100")
+
+    def cancel(self, owner: str, request_id: str) -> bool:
+        """Stop a sampling request's generation (protocol §4.3); its future resolves with a `user` error.
+        Training ops are never cancelled: later seq_ids depend on them. Unknown or finished ids: no-op."""
+        if self.s.hub.owner_of(request_id) != owner:
+            return False
+        fut = self.s.sampling.get(request_id)
+        return fut.cancel() if fut is not None else False
+
+
+def _future_outcome(f: Any) -> object:
+    try:
+        return f.result()
+    except concurrent.futures.CancelledError:
+        return UserError("request_id: the request was cancelled (cancel_future)", field="request_id")
+    except TreadleError as e:
+        return e
+    except Exception as e:
+        return TreadleError(f"sampling failed: {type(e).__name__}: {e}")

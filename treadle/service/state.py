@@ -1,0 +1,238 @@
+"""What every part of the Tinker service shares: its config, stores, loaded models and samplers, and the
+lookups and future plumbing each concern (sessions, training, weights, sampling, checkpoints) builds on."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from treadle.engine.types import ForwardBackwardResult, LoraConfig, SampleRequest, SampleResult
+from treadle.errors import GoneError, NotFoundError, TreadleError, UserError, require
+from treadle.service.completions import CompletionLog
+from treadle.service.export import UrlSigner
+from treadle.service.futures import FutureHub, Outcome
+from treadle.service.paths import CheckpointRef
+from treadle.service.workers import Worker, WorkerPool
+from treadle.store import BlobStore, CheckpointRow, MetadataStore, RunRow, SessionRow, utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_TTL_S = 10 * 365 * 24 * 3600
+
+
+class ResultCodec(Protocol):
+    """How results become future payloads; the API layer supplies it (protobuf lives at the edge)."""
+
+    def forward_backward(self, res: ForwardBackwardResult) -> Outcome: ...
+
+    def sample(self, res: SampleResult, req: SampleRequest) -> Outcome: ...
+
+
+@dataclasses.dataclass
+class ServiceConfig:
+    data_dir: Path
+    session_timeout_s: float = 600.0
+    retrieve_timeout_s: float = 25.0  # < the SDK's 45 s retrieve_future timeout (protocol §1.5)
+    ephemeral_samplers_per_model: int = 4
+    max_num_samples: int = 128
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    run_id: str
+    session_id: str
+    worker: Worker
+    ephemeral: collections.deque[str] = dataclasses.field(default_factory=collections.deque)
+
+
+@dataclasses.dataclass
+class LoadedSampler:
+    worker: Worker
+    adapter_id: str | None  # None = the base model
+
+
+class ServiceState:
+    def __init__(
+        self, cfg: ServiceConfig, store: MetadataStore, pool: WorkerPool, codec: ResultCodec
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.pool = pool
+        self.codec = codec
+        self.blobs = BlobStore(cfg.data_dir / "checkpoints")
+        self.signer = UrlSigner(cfg.data_dir / "url-signing.key")
+        self.hub = FutureHub(store)
+        # in-flight sampling futures by request id, so cancel_future can stop their generation
+        self.sampling: dict[str, concurrent.futures.Future[Any]] = {}
+        self.models: dict[str, LoadedModel] = {}
+        self.samplers: dict[str, LoadedSampler] = {}
+        self.completions = CompletionLog()
+        # Encoding a sample result and persisting it happens here, off the sampler thread, so generation
+        # never waits on the metadata DB.
+        self.resolver = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="treadle-resolve"
+        )
+
+    # ---- futures ---------------------------------------------------------------------------------------
+    def done(self, request_id: str, to_outcome: Callable[[Any], Outcome]) -> Callable[[object], None]:
+        def done(outcome: object) -> None:
+            if isinstance(outcome, TreadleError):
+                self.hub.fail(request_id, outcome)
+                return
+            try:
+                self.hub.resolve(request_id, to_outcome(outcome))
+            except TreadleError as e:
+                self.hub.fail(request_id, e)
+            except Exception as e:  # an encoding bug must still resolve the future (invariant 4)
+                log.exception("encoding a result failed")
+                self.hub.fail(request_id, TreadleError(f"internal error encoding the result: {e}"))
+
+        return done
+
+    def json_done(self, request_id: str) -> Callable[[object], None]:
+        return self.done(request_id, lambda r: Outcome(json=r))
+
+    def submit(self, owner: str, kind: str, dedupe: str, submit: Callable[[str], None]) -> str:
+        """Create (or find, for a retry) the future, then queue the work; a queueing error fails the future."""
+        rid, new = self.hub.create(owner, kind, dedupe)
+        if new:
+            try:
+                submit(rid)
+            except TreadleError as e:
+                self.hub.fail(rid, e)
+        return rid
+
+    def ordered(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int,
+        kind: str,
+        call: Callable[[LoadedModel], object],
+        to_outcome: Callable[[Any], Outcome] | None = None,
+    ) -> str:
+        """Queue `call` on the model's worker in seq_id order (protocol: one op per seq_id, retries dedupe)."""
+        model = self.model(owner, model_id)
+        require(isinstance(seq_id, int) and seq_id >= 1, "seq_id", f"must be an integer ≥ 1, got {seq_id!r}")
+        self.store.touch_run(model_id)
+        done_for = (lambda r: self.done(r, to_outcome)) if to_outcome else self.json_done
+        return self.submit(
+            owner,
+            kind,
+            f"op:{model_id}:{seq_id}",
+            lambda r: model.worker.submit_call(model_id, seq_id, lambda: call(model), done_for(r)),
+        )
+
+    # ---- lookups (owner-checked) -----------------------------------------------------------------------
+    def session(self, owner: str, session_id: str) -> SessionRow:
+        row = self.store.get_session(session_id)
+        if row is None or row.owner != owner:
+            raise NotFoundError(f"session_id: no session {session_id!r} for this API key", field="session_id")
+        return row
+
+    def active_session(self, owner: str, session_id: str) -> SessionRow:
+        row = self.session(owner, session_id)
+        if row.status != "active":
+            raise GoneError(
+                f"session_id: session {session_id!r} is {row.status}; create a new session",
+                field="session_id",
+            )
+        return row
+
+    def run(self, owner: str, run_id: str, field: str = "model_id") -> RunRow:
+        row = self.store.get_run(run_id)
+        if row is None or row.owner != owner:
+            raise NotFoundError(f"{field}: no training run {run_id!r} for this API key", field=field)
+        return row
+
+    def model(self, owner: str, model_id: str) -> LoadedModel:
+        self.run(owner, model_id)
+        m = self.models.get(model_id)
+        if m is None:
+            raise NotFoundError(
+                f"model_id: {model_id!r} is no longer loaded (its session ended or the server restarted); "
+                "load it from a checkpoint with create_training_client_from_state",
+                field="model_id",
+            )
+        return m
+
+    def checkpoint(self, owner: str, ref: CheckpointRef, *, write: bool = False) -> CheckpointRow:
+        row = self.store.get_checkpoint(ref.run_id, ref.kind, ref.name)
+        visible = row is not None and (row.owner == owner or (row.public and not write))
+        if row is None or not visible or (row.expires_at is not None and row.expires_at < utcnow()):
+            raise NotFoundError(f"path: no checkpoint {ref.path!r} for this API key", field="path")
+        if not self.blobs.exists(ref.run_id, ref.kind, ref.name):
+            raise NotFoundError(f"path: checkpoint {ref.path!r} has no stored files", field="path")
+        return row
+
+    def check_loadable(self, owner: str, ref: CheckpointRef, optimizer: bool) -> None:
+        if ref.kind == "external_weights" or (optimizer and ref.kind != "weights"):
+            allowed = "a weights/ checkpoint" if optimizer else "a weights/ or sampler_weights/ checkpoint"
+            raise UserError(
+                f"path: loading{' with optimizer' if optimizer else ''} needs {allowed}, got {ref.path!r}",
+                field="path",
+            )
+        self.checkpoint(owner, ref)
+
+    def expiry(self, ttl_seconds: int | None) -> dt.datetime | None:
+        if ttl_seconds is None:
+            return None
+        require(
+            isinstance(ttl_seconds, int) and 0 < ttl_seconds <= MAX_TTL_S,
+            "ttl_seconds",
+            f"must be null (keep forever) or an integer in 1..{MAX_TTL_S}",
+        )
+        return utcnow() + dt.timedelta(seconds=ttl_seconds)
+
+    # ---- shared mutations ------------------------------------------------------------------------------
+    def register_model(
+        self,
+        owner: str,
+        session_id: str,
+        mid: str,
+        worker: Worker,
+        lora: LoraConfig,
+        user_metadata: dict[str, Any],
+    ) -> None:
+        now = utcnow()
+        self.store.add_run(
+            RunRow(mid, session_id, owner, worker.name, dataclasses.asdict(lora), user_metadata, now, now)
+        )
+        worker.scheduler.open(mid, 1)
+        self.models[mid] = LoadedModel(mid, session_id, worker)
+
+    def record_checkpoint(
+        self, owner: str, ref: CheckpointRef, expires: dt.datetime | None, user_metadata: dict[str, Any]
+    ) -> None:
+        self.store.upsert_checkpoint(
+            CheckpointRow(
+                ref.run_id,
+                ref.kind,
+                ref.name,
+                owner,
+                utcnow(),
+                self.blobs.size(ref.run_id, ref.kind, ref.name),
+                False,
+                expires,
+                {k: str(v) for k, v in user_metadata.items()},
+            )
+        )
+
+    def forget_samplers_of(self, adapter_id: str) -> None:
+        self.samplers = {k: v for k, v in self.samplers.items() if v.adapter_id != adapter_id}
+
+    def drop_adapters(self, worker: Worker, adapter_ids: list[str]) -> None:
+        engine = worker.engine
+
+        def drop() -> None:
+            for a in adapter_ids:
+                if engine.has_adapter(a):
+                    engine.remove_adapter(a)
+
+        worker.submit_call("", None, drop, lambda _o: None)

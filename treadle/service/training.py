@@ -1,0 +1,109 @@
+"""Training ops on a loaded model: create it, describe it, and run forward_backward, optim_step and
+in-memory sampler snapshots in seq_id order on its worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig
+from treadle.errors import ConflictError, require
+from treadle.service import paths
+from treadle.service.state import LoadedModel, LoadedSampler, ServiceState
+from treadle.store import SamplerRow
+
+
+class Training:
+    def __init__(self, state: ServiceState) -> None:
+        self.s = state
+
+    def create_model(
+        self,
+        owner: str,
+        session_id: str,
+        model_seq_id: int,
+        base_model: str,
+        lora: LoraConfig,
+        user_metadata: dict[str, Any],
+    ) -> tuple[str, str]:
+        s = self.s
+        s.active_session(owner, session_id)
+        worker = s.pool.get(base_model)
+        lora.validate(getattr(worker.engine.bank, "max_rank", 128))
+        mid = paths.model_id(session_id, model_seq_id)
+
+        def call() -> dict[str, Any]:
+            if s.store.get_run(mid) is not None:
+                raise ConflictError(f"model_seq_id: model {mid!r} already exists", field="model_seq_id")
+            worker.engine.create_adapter(mid, lora)
+            s.register_model(owner, session_id, mid, worker, lora, user_metadata)
+            return {"model_id": mid, "type": "create_model"}
+
+        rid = s.submit(
+            owner,
+            "create_model",
+            f"create:{mid}",
+            lambda r: worker.submit_call(mid, None, call, s.json_done(r)),
+        )
+        return rid, mid
+
+    def get_info(self, owner: str, model_id: str) -> dict[str, Any]:
+        run = self.s.run(owner, model_id)
+        worker = self.s.pool.get(run.base_model)
+        info = worker.engine.info
+        return {
+            "model_id": model_id,
+            "model_data": {
+                "arch": info.arch,
+                "model_name": info.model_name,
+                "tokenizer_id": info.tokenizer_dir,
+            },
+            "is_lora": True,
+            "lora_rank": run.lora_config.get("rank"),
+            "model_name": info.model_name,
+            "type": "get_info",
+        }
+
+    def forward_backward(self, owner: str, model_id: str, seq_id: int, req: ForwardBackwardRequest) -> str:
+        s = self.s
+        model = s.model(owner, model_id)
+        require(isinstance(seq_id, int) and seq_id >= 1, "seq_id", f"must be an integer ≥ 1, got {seq_id!r}")
+        req.adapter_id = model_id
+        s.store.touch_run(model_id)
+        return s.submit(
+            owner,
+            "forward_backward",
+            f"op:{model_id}:{seq_id}",
+            lambda r: model.worker.submit_fb(model_id, seq_id, req, s.done(r, s.codec.forward_backward)),
+        )
+
+    def optim_step(self, owner: str, model_id: str, seq_id: int, params: AdamParams) -> str:
+        params.validate()
+        return self.s.ordered(
+            owner,
+            model_id,
+            seq_id,
+            "optim_step",
+            lambda m: {"metrics": m.worker.engine.optim_step(model_id, params), "type": "optim_step"},
+        )
+
+    def save_for_sampler_ephemeral(self, owner: str, model_id: str, seq_id: int, sampling_seq_id: int) -> str:
+        s = self.s
+        model = s.model(owner, model_id)
+        sid = paths.sampler_id(model.session_id, sampling_seq_id)
+
+        def call(m: LoadedModel) -> dict[str, Any]:
+            engine = m.worker.engine
+            engine.snapshot_adapter(model_id, sid)
+            s.store.add_sampler(SamplerRow(sid, m.session_id, owner, m.worker.name, None, "snapshot"))
+            s.samplers[sid] = LoadedSampler(m.worker, sid)
+            m.ephemeral.append(sid)
+            # Snapshots are in-memory copies made every RL step; keep the few recent ones an off-policy
+            # loop may still sample from.
+            while len(m.ephemeral) > s.cfg.ephemeral_samplers_per_model:
+                old = m.ephemeral.popleft()
+                s.samplers.pop(old, None)
+                if engine.has_adapter(old):
+                    engine.remove_adapter(old)
+            return {"sampling_session_id": sid, "type": "save_weights_for_sampler"}
+
+        return s.ordered(owner, model_id, seq_id, "save_weights_for_sampler", call)
