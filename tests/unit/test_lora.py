@@ -7,43 +7,22 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 
+from tests.small_models import load_small, write_small_checkpoint
 from treadle import ops
 from treadle.engine.types import AdamParams, LoraConfig
 from treadle.errors import ConflictError, NotFoundError, UserError
 from treadle.lora import AdapterBank, atomic_write_dir
-from treadle.models import CausalLM, ModelConfig
-from treadle.models.weights import load_state, read_safetensors
+from treadle.models import CausalLM
 
 
 def tiny_checkpoint(tmp: Path, family: str = "llama") -> Path:
-    torch.manual_seed(0)
-    common: dict[str, Any] = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    moe: dict[str, Any] = (
+        dict(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        if family == "qwen3_moe"
+        else {}
     )
-    if family == "llama":
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        moe: dict[str, Any] = dict(
-            head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2
-        )
-        hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**common, **moe))
-    d = tmp / family
-    hf.save_pretrained(d)
-    return d
-
-
-def load_model(d: Path) -> CausalLM:
-    model = CausalLM(ModelConfig.from_file(d / "config.json"))
-    load_state(model, read_safetensors(d))
-    return model.eval().requires_grad_(False)
+    return write_small_checkpoint(tmp, family, **moe)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +37,7 @@ def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def model(llama_dir: Path) -> CausalLM:
-    return load_model(llama_dir)
+    return load_small(llama_dir)
 
 
 def tokens(B: int = 3, T: int = 7, seed: int = 1) -> torch.Tensor:
@@ -327,7 +306,7 @@ def test_load_rejects_checkpoints_that_do_not_fit(model: CausalLM, moe_dir: Path
     with pytest.raises(UserError, match="rank"):
         AdapterBank(model, max_rank=4).load("a", tmp_path / "a", optimizer=False)
     with pytest.raises(UserError, match="wrong base model"):
-        AdapterBank(load_model(moe_dir)).load("a", tmp_path / "a", optimizer=False)
+        AdapterBank(load_small(moe_dir)).load("a", tmp_path / "a", optimizer=False)
     with pytest.raises(UserError, match="not an adapter checkpoint"):
         bank.load("b", tmp_path / "missing", optimizer=False)
     assert bank.ids() == ["a"]
@@ -350,7 +329,7 @@ def test_atomic_write_dir(tmp_path: Path) -> None:
 
 
 def test_moe_experts_are_adapted_routed_and_isolated(moe_dir: Path) -> None:
-    model = load_model(moe_dir)
+    model = load_small(moe_dir)
     bank = AdapterBank(model)
     bank.create("a", LoraConfig(rank=4, seed=1))
     bank.create("b", LoraConfig(rank=4, seed=2, train_attn=False))
@@ -379,7 +358,7 @@ def test_batch_invariant_mode_mixed_batch_is_bitwise_equal_to_rows_alone(
     family: str, llama_dir: Path, moe_dir: Path
 ) -> None:
     pytest.importorskip("treadle.ops.batch_invariant")
-    model = load_model(llama_dir if family == "llama" else moe_dir)
+    model = load_small(llama_dir if family == "llama" else moe_dir)
     bank = AdapterBank(model)
     bank.create("a", LoraConfig(rank=8, seed=1))
     bank.create("b", LoraConfig(rank=4, seed=2, train_mlp=False))

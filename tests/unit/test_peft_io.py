@@ -11,36 +11,17 @@ import pytest
 import torch
 import transformers
 
+from tests.small_models import load_small, write_small_checkpoint
 from treadle.engine.types import LoraConfig
 from treadle.errors import UserError
 from treadle.lora import AdapterBank
-from treadle.models import CausalLM, ModelConfig
-from treadle.models.weights import load_state, read_safetensors
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    kw: dict[str, Any] = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    d = tmp_path_factory.mktemp("ckpt") / "llama"
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).save_pretrained(d)
-    return d
-
-
-def treadle_model(d: Path) -> CausalLM:
-    model = CausalLM(ModelConfig.from_file(d / "config.json"))
-    load_state(model, read_safetensors(d))
-    return model.eval().requires_grad_(False)
+    return write_small_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def hf_model(d: Path) -> Any:
@@ -59,7 +40,7 @@ def treadle_logits(bank: AdapterBank, adapter_id: str) -> torch.Tensor:
 def test_treadle_adapter_loads_in_peft_with_same_logits(
     llama_dir: Path, tmp_path: Path, cfg: LoraConfig
 ) -> None:
-    bank = AdapterBank(treadle_model(llama_dir))
+    bank = AdapterBank(load_small(llama_dir))
     bank.create("a", cfg)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -96,7 +77,7 @@ def test_peft_made_adapter_loads_in_treadle_with_same_logits(llama_dir: Path, tm
         peft_logits = pm(TOKENS).logits
     pm.save_pretrained(str(tmp_path / "p"))
 
-    bank = AdapterBank(treadle_model(llama_dir))
+    bank = AdapterBank(load_small(llama_dir))
     got = bank.load("p", tmp_path / "p", optimizer=False)
     assert (got.rank, got.scale, got.train_attn, got.train_mlp, got.train_unembed) == (
         4,
@@ -111,7 +92,7 @@ def test_peft_made_adapter_loads_in_treadle_with_same_logits(llama_dir: Path, tm
 
 
 def test_unsupported_peft_features_are_rejected(llama_dir: Path, tmp_path: Path) -> None:
-    bank = AdapterBank(treadle_model(llama_dir))
+    bank = AdapterBank(load_small(llama_dir))
     bank.create("a", LoraConfig(rank=4, seed=1))
     bank.save("a", tmp_path / "a", optimizer=False, base_model="tiny")
     (tmp_path / "a" / "treadle_adapter.json").unlink()  # make it look PEFT-made

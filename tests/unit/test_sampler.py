@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 
+from tests.small_models import load_small, write_small_checkpoint
 from treadle import ops
 from treadle.engine.sampler import Sampler
 from treadle.engine.types import SampleRequest, SamplingParams
 from treadle.errors import TreadleError, UserError
-from treadle.models import CausalLM, LoraHook, ModelConfig
-from treadle.models.weights import load_state, read_safetensors
+from treadle.models import CausalLM, LoraHook
 
 EOS = 2
 MAX_CTX = 96
@@ -49,23 +48,13 @@ def boost_hook(adapter_ids: Sequence[str | None]) -> LoraHook | None:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> CausalLM:
-    torch.manual_seed(0)
-    kw: dict[str, Any] = dict(
-        vocab_size=128,
-        hidden_size=64,
+    d = write_small_checkpoint(
+        tmp_path_factory.mktemp("ckpt"),
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         initializer_range=0.2,  # peaked distributions, so greedy choices are far from ties
     )
-    cfg = transformers.LlamaConfig(**kw)
-    d = tmp_path_factory.mktemp("ckpt") / "llama"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    m = CausalLM(ModelConfig.from_file(d / "config.json"))
-    load_state(m, read_safetensors(d))
-    return m.eval().requires_grad_(False)
+    return load_small(d)
 
 
 @pytest.fixture
