@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--session-timeout", type=float, default=None, help="seconds without heartbeat before expiry"
     )
+    s.add_argument(
+        "--max-request-mb", type=float, default=None, help="largest request body accepted (default 256)"
+    )
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("chat", help="answer one chat prompt in-process (greedy)")

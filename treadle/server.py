@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
-from treadle.api.errors import error_response, install_error_handlers
-from treadle.errors import UserError
+from treadle.api.body_limit import BodyLimit
+from treadle.api.errors import install_error_handlers
+from treadle.errors import UserError, require
 
 log = logging.getLogger("treadle.server")
 
@@ -60,6 +61,9 @@ class ServerConfig:
         if getattr(args, "session_timeout", None) is not None:
             cfg.session_timeout_s = float(args.session_timeout)
             cfg.sweep_interval_s = min(cfg.sweep_interval_s, max(cfg.session_timeout_s / 4, 0.5))
+        if getattr(args, "max_request_mb", None) is not None:
+            require(args.max_request_mb > 0, "max_request_mb", f"must be > 0, got {args.max_request_mb}")
+            cfg.max_request_bytes = int(args.max_request_mb * 2**20)
         return cfg
 
     def model_names(self) -> list[str]:
@@ -82,6 +86,7 @@ def _key_map(cfg: ServerConfig) -> dict[str, str] | None:
 def build_service(cfg: ServerConfig) -> Any:
     """Load every served model and open the store; returns the `TinkerService`."""
     from treadle.api.tinker.codec import ProtoCodec
+    from treadle.engine.compute import ComputeThread
     from treadle.engine.engine import Engine
     from treadle.service.auth import Authenticator
     from treadle.service.tinker_service import ServiceConfig, TinkerService
@@ -94,6 +99,7 @@ def build_service(cfg: ServerConfig) -> Any:
     if len(set(names)) != len(names):
         raise UserError(f"model: each model may be served once, got {names}", field="model")
     engines = []
+    compute = ComputeThread()  # one thread computes for every served model: see treadle.engine.compute
     for name in names:
         log.info("loading %s …", name)
         engines.append(
@@ -103,6 +109,7 @@ def build_service(cfg: ServerConfig) -> Any:
                 device=cfg.device,
                 deterministic=cfg.deterministic,
                 max_lora_rank=cfg.max_lora_rank,
+                compute=compute,
             )
         )
     store = MetadataStore(cfg.db_url or f"sqlite:///{cfg.data_dir / 'treadle.db'}")
@@ -128,14 +135,7 @@ def build_app(config: ServerConfig) -> FastAPI:
     app.state.service = service
     install_error_handlers(app)
 
-    limit = config.max_request_bytes
-
-    @app.middleware("http")
-    async def _size_limit(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return error_response(413, f"body: requests are limited to {limit} bytes on this server")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
 
     app.include_router(make_router(service))
     _mount_openai(app, service)

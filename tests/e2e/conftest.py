@@ -87,9 +87,18 @@ def e2e_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"), family="llama")
 
 
+# The shared server's body limit: small enough that a test can stream a body past it quickly.
+E2E_MAX_REQUEST_MB = 4
+
+
 @pytest.fixture(scope="session")
 def tinker_server(e2e_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = ServerProcess(e2e_model_dir, tmp_path_factory.mktemp("data") / "server")
+    server = ServerProcess(
+        e2e_model_dir,
+        tmp_path_factory.mktemp("data") / "server",
+        "--max-request-mb",
+        str(E2E_MAX_REQUEST_MB),
+    )
     server.start()
     try:
         yield server

@@ -12,7 +12,7 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.e2e.conftest import API_KEY, ServerProcess
+from tests.e2e.conftest import API_KEY, E2E_MAX_REQUEST_MB, ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +139,22 @@ def test_oversize_request(tinker_server: ServerProcess, http: httpx.Client, mode
     assert head.startswith("HTTP/1.1 413"), head
     assert "body" in json.loads(body)["detail"]
     _still_serving(http, model, 3)
+
+
+def test_oversize_chunked_request(
+    tinker_server: ServerProcess, http: httpx.Client, model: dict[str, str]
+) -> None:
+    # No Content-Length: the body streams in chunks and is refused once it passes the limit.
+    chunk = b"\0" * 2**20
+
+    def body() -> Iterator[bytes]:
+        for _ in range(E2E_MAX_REQUEST_MB + 2):
+            yield chunk
+
+    r = http.post("/forward_backward", content=body(), headers={"Content-Type": "application/x-protobuf"})
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    _detail(r, 413, "body")
+    _still_serving(http, model, 4)
 
 
 def test_invalid_sampling_and_too_long(tinker_server: ServerProcess) -> None:

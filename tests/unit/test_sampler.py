@@ -4,6 +4,7 @@ seeds, stops, prefix sharing, LoRA rows, concurrency, validation and shutdown.""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -14,6 +15,7 @@ import torch
 
 from tests.small_models import load_small, write_small_checkpoint
 from treadle import ops
+from treadle.engine.compute import ComputeThread
 from treadle.engine.sampler import Sampler
 from treadle.engine.types import SampleRequest, SamplingParams
 from treadle.errors import TreadleError, UserError
@@ -21,6 +23,23 @@ from treadle.models import CausalLM, LoraHook
 
 EOS = 2
 MAX_CTX = 96
+
+
+@contextlib.contextmanager
+def held(compute: ComputeThread) -> Iterator[None]:
+    """Keep `compute` busy (between two sampler steps) until the block ends."""
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait(60)
+
+    compute.submit(hold)
+    assert started.wait(60)
+    try:
+        yield
+    finally:
+        gate.set()
 
 
 def decode(ids: list[int]) -> str:
@@ -244,18 +263,19 @@ def test_samples_beyond_batch_size(model: CausalLM) -> None:
 
 
 def test_concurrent_common_prefix_prefilled_once(model: CausalLM) -> None:
-    lock = threading.Lock()
-    s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX, lock=lock)
+    compute = ComputeThread()
+    s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX, compute=compute)
     shared = list(range(60, 80))
     a_prompt, b_prompt = shared + [1, 2], shared + [3]
     try:
-        with lock:  # the worker cannot finish `a` before `b` is queued
+        with held(compute):  # the compute thread cannot start `a` before `b` is queued
             fa = s.submit(req(a_prompt, max_tokens=8, temperature=0.0, stop=()))
             fb = s.submit(req(b_prompt, max_tokens=8, temperature=0.0, stop=()))
             fc = s.submit(req(b_prompt, adapter="boost", max_tokens=8, temperature=0.0, stop=()))
         a, b, c = fa.result(), fb.result(), fc.result()
     finally:
         s.close()
+        compute.close()
     assert a.prompt_cache_hit_tokens == 0
     assert b.prompt_cache_hit_tokens == len(shared)
     assert c.prompt_cache_hit_tokens == 0  # another adapter's KV is never reused
@@ -308,12 +328,22 @@ def test_string_stop_without_tokenizer_is_rejected(model: CausalLM) -> None:
 
 
 def test_close_fails_pending_futures(model: CausalLM) -> None:
-    lock = threading.Lock()
-    s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX, lock=lock)
-    with lock:  # hold the worker at its first model step, so the request is still running at close
-        fut = s.submit(req([1, 2, 3], max_tokens=50, stop=()))
-        closer = threading.Thread(target=s.close)
-        closer.start()
+    s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX)
+    first, gate = threading.Event(), threading.Event()
+
+    def hold_at_first_token(*_: object) -> None:
+        if not first.is_set():
+            first.set()
+            gate.wait(30)
+
+    # the request is mid-generation (its first token drawn) when close is called
+    fut = s.submit(req([1, 2, 3], max_tokens=50, stop=()), on_token=hold_at_first_token)
+    assert first.wait(30)
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    while not s.closed:
+        closer.join(0.001)
+    gate.set()
     closer.join()
     with pytest.raises(TreadleError, match="closed"):
         fut.result(timeout=0)
@@ -345,15 +375,16 @@ def test_futures_are_standard(sampler: Sampler) -> None:
 
 
 def test_round_of_new_prompts_is_prefilled_in_one_batch(model: CausalLM) -> None:
-    lock = threading.Lock()
-    s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX, lock=lock)
+    compute = ComputeThread()
+    s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX, compute=compute)
     try:
-        with lock:  # everything is queued before the worker's second round
+        with held(compute):  # everything is queued before the sampler's first step
             futs = [s.submit(req(p, max_tokens=6, temperature=0.0, stop=())) for p in PROMPTS]
         res = [f.result() for f in futs]
     finally:
         s.close()
-    assert s.stats.prefill_calls <= 2  # the worker may have picked up the first request alone
+        compute.close()
+    assert s.stats.prefill_calls == 1
     assert s.stats.prefill_tokens == sum(len(p) for p in PROMPTS)
     for p, r in zip(PROMPTS, res, strict=True):  # ragged rows: padding is neither stored nor attended
         assert r.sequences[0].tokens == greedy_no_cache(model, p, 6)
@@ -425,13 +456,13 @@ def test_batch_invariant_mode_is_bitwise(model: CausalLM) -> None:
     prompt = [5, 9, 11, 3, 7, 8, 1, 4, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41]
     params = SamplingParams(max_tokens=20, seed=1, stop=())
     with ops.mode("batch_invariant"):
-        lock = threading.Lock()
-        s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX, lock=lock)
+        compute = ComputeThread()
+        s = Sampler(model, boost_hook, eos_token_ids=[EOS], max_context_length=MAX_CTX, compute=compute)
         try:
             alone = s.generate(SampleRequest(None, prompt, params, prompt_logprobs=True))
             mates = [req(prompt[:18] + [50], max_tokens=30, seed=9, stop=())]
             mates += [req([20 + i] * (i + 1), max_tokens=5 + i, seed=i, stop=()) for i in range(5)]
-            with lock:  # the prefix-sharing mate is still running when the target is admitted
+            with held(compute):  # the prefix-sharing mate is still running when the target is admitted
                 futs = [s.submit(m) for m in mates[:3]]
                 futs += [s.submit(SampleRequest(None, prompt, params))] + [s.submit(m) for m in mates[3:]]
             mixed = futs[3].result()
@@ -439,6 +470,7 @@ def test_batch_invariant_mode_is_bitwise(model: CausalLM) -> None:
                 f.result()
         finally:
             s.close()
+            compute.close()
         seq = alone.sequences[0]
         toks = prompt + seq.tokens
         with torch.no_grad():

@@ -86,7 +86,8 @@ def run_benchmark(which: str, *, model: str, out: str, quick: bool) -> int:
     if which == "api":
         from treadle.bench.api import bench_api
 
-        return report(which, bench_api(model, quick=quick), out)
+        rows, extra = bench_api(model, quick=quick)
+        return report(which, rows, out, extra)
     from treadle.bench.determinism import bench_determinism
 
     return report(which, bench_determinism(model, quick=quick), out)

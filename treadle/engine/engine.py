@@ -1,6 +1,8 @@
 """Engine: one base model on one device — adapters, training ops and the sampler behind one thread-safe facade.
 
-The HTTP service calls it from a worker thread; it is equally usable in-process from Python:
+Every tensor op of an engine — loading the model, training ops, adapter I/O, sampler steps — runs on one compute
+thread (`treadle.engine.compute`, shared by the engines of one device), whatever thread calls the facade. The
+HTTP service calls it from its worker threads; it is equally usable in-process from Python:
 
     engine = Engine("HuggingFaceTB/SmolLM2-135M-Instruct")
     engine.create_adapter("a", LoraConfig(rank=8))
@@ -12,12 +14,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import threading
 from pathlib import Path
 from typing import Any
 
 from treadle import ops
 from treadle.engine import trainer
+from treadle.engine.compute import ComputeThread
 from treadle.engine.sampler import Sampler, TokenCallback
 from treadle.engine.types import (
     AdamParams,
@@ -60,12 +62,22 @@ class Engine:
         deterministic: bool = False,
         max_lora_rank: int = 128,
         max_batch_size: int = 64,
+        compute: ComputeThread | None = None,
     ) -> None:
+        """`compute`: the device's compute thread when several engines share a device (the server passes one);
+        by default the engine starts its own and stops it on `close`."""
         # The numerics mode is process-wide: a server runs in one mode (treadle serve --deterministic).
         ops.set_mode("batch_invariant" if deterministic else "fast")
         self.deterministic = deterministic
-        self.loaded = load_model(model, dtype=dtype, device=device)
         self.name = model
+        self._owns_compute = compute is None
+        self.compute = compute if compute is not None else ComputeThread()
+        try:
+            self.loaded = self.compute.call(load_model, model, dtype=dtype, device=device)
+        except BaseException:
+            if self._owns_compute:
+                self.compute.close()
+            raise
         self.model = self.loaded.model
         self.tokenizer: Any = self.loaded.tokenizer
         cfg = self.loaded.config
@@ -77,9 +89,7 @@ class Engine:
             vocab_size=cfg.vocab_size,
             eos_token_ids=_eos_ids(self.loaded),
         )
-        self.bank = AdapterBank(self.model, max_rank=max_lora_rank)
-        # One lock serialises every use of the model's compute: training ops and each sampler step.
-        self._lock = threading.RLock()
+        self.bank = self.compute.call(AdapterBank, self.model, max_rank=max_lora_rank)
         self.sampler = Sampler(
             self.model,
             self.bank.hook,
@@ -87,17 +97,15 @@ class Engine:
             max_context_length=self.info.max_context_length,
             decode=lambda ids: self.tokenizer.decode(ids),
             max_batch_size=max_batch_size,
-            lock=self._lock,  # type: ignore[arg-type]
+            compute=self.compute,
         )
 
     # adapters -----------------------------------------------------------------------------------
     def create_adapter(self, adapter_id: str, cfg: LoraConfig) -> None:
-        with self._lock:
-            self.bank.create(adapter_id, cfg)
+        self.compute.call(self.bank.create, adapter_id, cfg)
 
     def remove_adapter(self, adapter_id: str) -> None:
-        with self._lock:
-            self.bank.remove(adapter_id)
+        self.compute.call(self.bank.remove, adapter_id)
 
     def has_adapter(self, adapter_id: str) -> bool:
         return adapter_id in self.bank
@@ -106,36 +114,34 @@ class Engine:
         return self.bank.config(adapter_id)
 
     def snapshot_adapter(self, src_id: str, dst_id: str) -> None:
-        with self._lock:
-            self.bank.copy(src_id, dst_id)
+        self.compute.call(self.bank.copy, src_id, dst_id)
 
     def save_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> None:
-        with self._lock:
-            self.bank.save(adapter_id, Path(directory), optimizer=optimizer, base_model=self.name)
+        self.compute.call(
+            self.bank.save, adapter_id, Path(directory), optimizer=optimizer, base_model=self.name
+        )
 
     def load_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> LoraConfig:
         if not Path(directory).is_dir():
             raise NotFoundError(f"path: no checkpoint directory at {directory}", field="path")
-        with self._lock:
-            return self.bank.load(adapter_id, Path(directory), optimizer=optimizer)
+        return self.compute.call(self.bank.load, adapter_id, Path(directory), optimizer=optimizer)
 
     # training -----------------------------------------------------------------------------------
     def forward_backward(
         self, requests: list[ForwardBackwardRequest]
     ) -> list[ForwardBackwardResult | TreadleError]:
-        with self._lock:
-            return trainer.forward_backward(
-                self.model,
-                self.bank,
-                requests,
-                vocab_size=self.info.vocab_size,
-                max_len=self.info.max_context_length,
-            )
+        return self.compute.call(
+            trainer.forward_backward,
+            self.model,
+            self.bank,
+            requests,
+            vocab_size=self.info.vocab_size,
+            max_len=self.info.max_context_length,
+        )
 
     def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
         params.validate()
-        with self._lock:
-            return self.bank.optim_step(adapter_id, params)
+        return self.compute.call(self.bank.optim_step, adapter_id, params)
 
     # sampling -----------------------------------------------------------------------------------
     def sample(
@@ -168,6 +174,8 @@ class Engine:
 
     def close(self) -> None:
         self.sampler.close()
+        if self._owns_compute:
+            self.compute.close()
 
     def __enter__(self) -> Engine:
         return self

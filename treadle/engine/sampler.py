@@ -1,11 +1,12 @@
-"""Continuous-batching sampler: a background thread runs one batched decode step over every active sequence,
-admitting new requests between steps and retiring finished ones, over a slot-based KV cache.
+"""Continuous-batching sampler: on the engine's compute thread (`treadle.engine.compute`), each step runs one
+batched decode over every active sequence, admitting new requests between steps and retiring finished ones, over a
+slot-based KV cache.
 
 Each sample is one row. A row's prompt KV comes from another live row when they share a prefix (same adapter):
 the samples of one request prefill their prompt once, and concurrent requests share common prefixes. Logprobs
 are those of the raw model distribution (what `forward` computes), whatever temperature / top-k / top-p did.
 
-Streaming: `submit(req, on_token=...)` reports every accepted token from the sampler thread as it is drawn, and a
+Streaming: `submit(req, on_token=...)` reports every accepted token from the compute thread as it is drawn, and a
 cancelled future (`Sampler.cancel` or `future.cancel()`) has its rows dropped before the next model call.
 """
 
@@ -17,20 +18,20 @@ import contextlib
 import dataclasses
 import math
 import secrets
-import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from treadle import ops
+from treadle.engine.compute import ComputeThread
 from treadle.engine.kv_cache import SlotKVCache
 from treadle.engine.sampling import StopCriteria, make_generator, sample_tokens, string_stop_hit
 from treadle.engine.types import SampledSequence, SampleRequest, SampleResult
 from treadle.errors import TreadleError, UserError, require
 from treadle.models import CausalLM, LoraHook
 
-# (sample index, token id, logprob), called on the sampler thread for every accepted token, stop token included.
+# (sample index, token id, logprob), called on the compute thread for every accepted token, stop token included.
 TokenCallback = Callable[[int, int, float], None]
 
 # Prompt logprobs are computed over chunks of positions so a long prompt never holds (T × vocab) fp32 at once.
@@ -172,7 +173,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class Sampler:
-    """Continuous-batching generation over one `CausalLM`; thread-safe `submit`, one background thread."""
+    """Continuous-batching generation over one `CausalLM`; thread-safe `submit`. Its steps run on `compute`
+    (shared with the engine's training ops), or on a compute thread of its own when none is given."""
 
     def __init__(
         self,
@@ -183,7 +185,7 @@ class Sampler:
         max_context_length: int,
         decode: Callable[[list[int]], str] | None = None,
         max_batch_size: int = 64,
-        lock: contextlib.AbstractContextManager[Any] | None = None,
+        compute: ComputeThread | None = None,
     ) -> None:
         require(max_batch_size >= 1, "max_batch_size", f"must be ≥ 1, got {max_batch_size}")
         require(max_context_length >= 2, "max_context_length", f"must be ≥ 2, got {max_context_length}")
@@ -193,14 +195,14 @@ class Sampler:
         self.max_context_length = max_context_length
         self.max_batch_size = max_batch_size
         self._decode = decode
-        self._lock: contextlib.AbstractContextManager[Any] = (
-            lock if lock is not None else contextlib.nullcontext()
-        )
+        self._owns_compute = compute is None
+        self._compute = compute if compute is not None else ComputeThread("treadle-sampler")
         self.vocab_size = model.config.vocab_size
         param = model.model.embed_tokens.weight
         self.device = param.device
         cfg = model.config
-        self._cache = SlotKVCache(
+        self._cache = self._compute.call(
+            SlotKVCache,
             cfg.num_layers,
             cfg.num_kv_heads,
             cfg.head_dim,
@@ -213,11 +215,9 @@ class Sampler:
         self._slots: dict[int, _Slot] = {}
         self._rows: list[_Row] = []
         self._waiting: collections.deque[_Request] = collections.deque()
-        self._queue: collections.deque[_Request] = collections.deque()  # guarded by _cv
-        self._cv = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()  # guarded by _compute.cond
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="treadle-sampler", daemon=True)
-        self._thread.start()
+        self._compute.attach(self)
 
     # public API -----------------------------------------------------------------------------------
     def submit(
@@ -225,7 +225,7 @@ class Sampler:
     ) -> concurrent.futures.Future[SampleResult]:
         """Validate (UserError naming the field) and queue; the future resolves when every sample is done.
 
-        `on_token(sample_index, token_id, logprob)` runs on the sampler thread for each accepted token (the final
+        `on_token(sample_index, token_id, logprob)` runs on the compute thread for each accepted token (the final
         stop token included), before the future resolves; keep it cheap. If it raises, only this request fails.
         Cancelling the returned future stops its generation at the next step."""
         validate_request(
@@ -244,11 +244,11 @@ class Sampler:
             rows_left=req.num_samples,
             on_token=on_token,
         )
-        with self._cv:
+        with self._compute.cond:
             if self._closed:
                 raise TreadleError("sampler: closed; no new requests are accepted")
             self._queue.append(r)
-            self._cv.notify()
+            self._compute.cond.notify()
         return r.future
 
     def generate(self, req: SampleRequest) -> SampleResult:
@@ -258,8 +258,7 @@ class Sampler:
         """Cancel a request returned by `submit`: its rows leave the batch before the next model call.
         False when it already finished (its result stands)."""
         cancelled = future.cancel()
-        with self._cv:
-            self._cv.notify()
+        self._compute.wake()
         return cancelled
 
     @property
@@ -267,37 +266,44 @@ class Sampler:
         """Rows (samples) decoding right now; a snapshot, for metrics and tests."""
         return len(self._rows)
 
-    def close(self) -> None:
-        """Stop the background thread; requests not yet finished fail with a TreadleError."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
-    # background loop -------------------------------------------------------------------------------
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not self._closed and not self._queue and not self._waiting and not self._rows:
-                        self._cv.wait()
-                    if self._closed:
-                        break
-                    self._waiting.extend(self._queue)
-                    self._queue.clear()
-                self._drop_cancelled()
-                try:
-                    self._admit_waiting()
-                    if self._rows:
-                        self._decode_step()
-                except Exception as e:  # noqa: BLE001 - a bug must fail the running futures, not hang them
-                    for r in {row.request for row in self._rows} | set(self._waiting):
-                        self._fail(r, e)
-                if not self._rows and not self._waiting:
-                    self._release_memory()
-        err = TreadleError("sampler: closed before the request finished")
-        with self._cv:
+    def close(self) -> None:
+        """Stop sampling; requests not yet finished fail with a TreadleError."""
+        with self._compute.cond:
+            if self._closed:
+                return
+            self._closed = True
+        self._compute.call(self._fail_pending, TreadleError("sampler: closed before the request finished"))
+        self._compute.detach(self)
+        if self._owns_compute:
+            self._compute.close()
+
+    # steps on the compute thread ----------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return not self._closed and bool(self._queue or self._waiting or self._rows)
+
+    def step(self) -> None:
+        """Admit what arrived, then one decode step over every active row."""
+        with self._compute.cond:
+            self._waiting.extend(self._queue)
+            self._queue.clear()
+        self._drop_cancelled()
+        try:
+            with torch.inference_mode():
+                self._admit_waiting()
+                if self._rows:
+                    self._decode_step()
+        except Exception as e:  # noqa: BLE001 - a bug must fail the running futures, not hang them
+            for r in {row.request for row in self._rows} | set(self._waiting):
+                self._fail(r, e)
+        if not self._rows and not self._waiting:
+            self._release_memory()
+
+    def _fail_pending(self, err: TreadleError) -> None:
+        with self._compute.cond:
             pending = list(self._queue) + list(self._waiting) + [row.request for row in self._rows]
             self._queue.clear()
         for r in pending:
@@ -450,21 +456,18 @@ class Sampler:
             T = max(lengths)
             tokens_B_T = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=self.device)
             step = self._cache.step([pending[b].row.slot for b in active], [pos[b] for b in active], lengths)
-            with self._lock:
-                hook = self._hook([pending[b].row.request.req.adapter_id for b in active])
-                hidden_B_T_D = self.model(
-                    tokens_B_T, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook, cache=step
-                )
-                last_B = torch.tensor([n - 1 for n in lengths], device=self.device)
-                rows_B = torch.arange(len(active), device=self.device)
-                logits_B_V = self.model.logits(hidden_B_T_D[rows_B, last_B][:, None], hook)[:, 0]
-                for j, b in enumerate(active):
-                    if b in scored:
-                        r = pending[b].row.request
-                        row_hook = self._hook([r.req.adapter_id])
-                        self._score_prompt(
-                            r, hidden_B_T_D[j : j + 1, : lengths[j]], pos[b], row_hook, scored[b]
-                        )
+            hook = self._hook([pending[b].row.request.req.adapter_id for b in active])
+            hidden_B_T_D = self.model(
+                tokens_B_T, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook, cache=step
+            )
+            last_B = torch.tensor([n - 1 for n in lengths], device=self.device)
+            rows_B = torch.arange(len(active), device=self.device)
+            logits_B_V = self.model.logits(hidden_B_T_D[rows_B, last_B][:, None], hook)[:, 0]
+            for j, b in enumerate(active):
+                if b in scored:
+                    r = pending[b].row.request
+                    row_hook = self._hook([r.req.adapter_id])
+                    self._score_prompt(r, hidden_B_T_D[j : j + 1, : lengths[j]], pos[b], row_hook, scored[b])
             for j, b in enumerate(active):
                 pos[b] += lengths[j]
                 if pos[b] == len(prompts[b]):
@@ -506,14 +509,13 @@ class Sampler:
         tokens_B_1 = torch.tensor([[row.next_token] for row in rows], device=self.device)
         try:
             step = self._cache.step(slots, starts, [1] * len(slots))
-            with self._lock:
-                hook = self._batch_hook(rows)
-                if len(hook[1]) != len(rows):  # some rows' adapters are gone; they were failed
-                    return
-                hidden = self.model(
-                    tokens_B_1, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook[0], cache=step
-                )
-                logits_B_V = self.model.logits(hidden, hook[0])[:, -1]
+            hook = self._batch_hook(rows)
+            if len(hook[1]) != len(rows):  # some rows' adapters are gone; they were failed
+                return
+            hidden = self.model(
+                tokens_B_1, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook[0], cache=step
+            )
+            logits_B_V = self.model.logits(hidden, hook[0])[:, -1]
         except Exception as e:  # noqa: BLE001 - a failed step fails its rows' requests, never hangs them
             for row in rows:
                 self._fail(row.request, e)

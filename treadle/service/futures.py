@@ -2,7 +2,9 @@
 
 Durable rows in the metadata DB (so retries and restarts find them) plus an in-process asyncio event per
 pending future, so the hot path (`retrieve_future` long-poll) wakes the moment a worker resolves it,
-without polling the DB.
+without polling the DB. The waiters are woken before the row is written: the outcome stays in memory until it is
+persisted, so every poll finds it, and a crash in between only fails (at restart) a future whose caller may
+already have its result.
 """
 
 from __future__ import annotations
@@ -61,22 +63,25 @@ class FutureHub:
         return request_id, True
 
     def resolve(self, request_id: str, outcome: Outcome) -> None:
-        """Thread-safe: persist, then wake the waiters on the event loop."""
-        self._store.finish_future(
-            request_id,
-            result_json=json.dumps(outcome.json) if outcome.json is not None else None,
-            result_proto=outcome.proto,
-            error=outcome.error,
-            category=outcome.category,
-        )
+        """Thread-safe: wake the waiters on the event loop, persist, then drop the in-memory entry."""
         with self._lock:
             entry = self._pending.get(request_id)
-        if entry is None:
-            return
-        entry.outcome = outcome
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(entry.event.set)
+        if entry is not None:
+            entry.outcome = outcome
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(entry.event.set)
+        try:
+            self._store.finish_future(
+                request_id,
+                result_json=json.dumps(outcome.json) if outcome.json is not None else None,
+                result_proto=outcome.proto,
+                error=outcome.error,
+                category=outcome.category,
+            )
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
 
     def owner_of(self, request_id: str) -> str | None:
         """The owner of a request still pending in this process (None otherwise)."""
@@ -96,19 +101,20 @@ class FutureHub:
                 raise NotFoundError(
                     f"request_id: no request {request_id!r} for this API key", field="request_id"
                 )
+            if entry.outcome is not None:  # resolved; the event loop has not run the wake-up yet
+                return entry.outcome
             try:
                 await asyncio.wait_for(entry.event.wait(), timeout_s)
             except TimeoutError:
                 return None
-            with self._lock:
-                self._pending.pop(request_id, None)
             assert entry.outcome is not None
             return entry.outcome
         row = self._store.get_future(request_id)
         if row is None or row.owner != owner:
             raise NotFoundError(f"request_id: no request {request_id!r} for this API key", field="request_id")
         if row.state == "pending":
-            # Only reachable if resolve() raced the pop above; the next poll sees the result.
+            # In memory until persisted, so a pending row is work this process does not hold (another server
+            # on a shared database): the caller answers 408 and the client polls again.
             return None
         if row.state == "error":
             return Outcome(error=row.error, category=row.category or "unknown")

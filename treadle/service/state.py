@@ -8,6 +8,7 @@ import concurrent.futures
 import dataclasses
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,8 @@ from treadle.store import BlobStore, CheckpointRow, MetadataStore, RunRow, Sessi
 log = logging.getLogger(__name__)
 
 MAX_TTL_S = 10 * 365 * 24 * 3600
+# A run's `last_request_time` is refreshed at most this often.
+TOUCH_INTERVAL_S = 1.0
 
 
 class ResultCodec(Protocol):
@@ -47,7 +50,9 @@ class ServiceConfig:
 class LoadedModel:
     run_id: str
     session_id: str
+    owner: str
     worker: Worker
+    touched: float = 0.0  # time.monotonic() of the last `last_request_time` write
     ephemeral: collections.deque[str] = dataclasses.field(default_factory=collections.deque)
 
 
@@ -120,7 +125,7 @@ class ServiceState:
         """Queue `call` on the model's worker in seq_id order (protocol: one op per seq_id, retries dedupe)."""
         model = self.model(owner, model_id)
         require(isinstance(seq_id, int) and seq_id >= 1, "seq_id", f"must be an integer ≥ 1, got {seq_id!r}")
-        self.store.touch_run(model_id)
+        self.touch(model)
         done_for = (lambda r: self.done(r, to_outcome)) if to_outcome else self.json_done
         return self.submit(
             owner,
@@ -152,8 +157,11 @@ class ServiceState:
         return row
 
     def model(self, owner: str, model_id: str) -> LoadedModel:
-        self.run(owner, model_id)
+        """The loaded model, owner-checked: from memory on the hot path, from the store for a useful error."""
         m = self.models.get(model_id)
+        if m is not None and m.owner == owner:
+            return m
+        self.run(owner, model_id)  # raises 404 for an unknown run or another owner's
         if m is None:
             raise NotFoundError(
                 f"model_id: {model_id!r} is no longer loaded (its session ended or the server restarted); "
@@ -161,6 +169,14 @@ class ServiceState:
                 field="model_id",
             )
         return m
+
+    def touch(self, model: LoadedModel) -> None:
+        """Record activity in the run's `last_request_time`, at most once per `TOUCH_INTERVAL_S` (a DB write
+        per op would sit on every request's path for a timestamp listed to the second)."""
+        now = time.monotonic()
+        if now - model.touched >= TOUCH_INTERVAL_S:
+            model.touched = now
+            self.store.touch_run(model.run_id)
 
     def checkpoint(self, owner: str, ref: CheckpointRef, *, write: bool = False) -> CheckpointRow:
         row = self.store.get_checkpoint(ref.run_id, ref.kind, ref.name)
@@ -205,7 +221,7 @@ class ServiceState:
             RunRow(mid, session_id, owner, worker.name, dataclasses.asdict(lora), user_metadata, now, now)
         )
         worker.scheduler.open(mid, 1)
-        self.models[mid] = LoadedModel(mid, session_id, worker)
+        self.models[mid] = LoadedModel(mid, session_id, owner, worker, touched=time.monotonic())
 
     def record_checkpoint(
         self, owner: str, ref: CheckpointRef, expires: dt.datetime | None, user_metadata: dict[str, Any]

@@ -68,7 +68,7 @@ class Training:
         model = s.model(owner, model_id)
         require(isinstance(seq_id, int) and seq_id >= 1, "seq_id", f"must be an integer ≥ 1, got {seq_id!r}")
         req.adapter_id = model_id
-        s.store.touch_run(model_id)
+        s.touch(model)
         return s.submit(
             owner,
             "forward_backward",

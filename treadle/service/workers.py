@@ -73,3 +73,6 @@ class WorkerPool:
         for w in self.workers.values():
             w.scheduler.stop()
             w.engine.close()
+        # engines may share a compute thread that none of them owns
+        for compute in {id(w.engine.compute): w.engine.compute for w in self.workers.values()}.values():
+            compute.close()
