@@ -134,7 +134,7 @@ def _measure(model: str, tokens: list[int], n_fwd: int, n_samples: int, new: int
 
 
 def bench_api(model: str, *, quick: bool = False) -> tuple[list[Row], dict[str, object]]:
-    n_fwd, n_samples, new = (10, 16, 8) if quick else (40, 64, 16)
+    n_fwd, n_samples, new = (10, 16, 8) if quick else (60, 64, 16)
     tokens = list(range(100, 116))
     r = _measure(model, tokens, n_fwd, n_samples, new)
     p50_sdk = statistics.median(r.sdk_forward_s) * 1e3

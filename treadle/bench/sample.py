@@ -51,7 +51,13 @@ def bench_sample(model: str, *, quick: bool = False) -> list[Row]:
 
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(engine.info.tokenizer_dir, dtype=torch.float32).eval()
+        # the baseline loads and runs on the engine's compute thread too, so both sides compute with the same
+        # (one) OpenMP team: see treadle.engine.compute
+        hf = engine.compute.call(
+            lambda: AutoModelForCausalLM.from_pretrained(
+                engine.info.tokenizer_dir, dtype=torch.float32
+            ).eval()
+        )
         width = max(len(p) for p in ps)
         pad = engine.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps])  # left padding for generation
@@ -69,9 +75,9 @@ def bench_sample(model: str, *, quick: bool = False) -> list[Row]:
                 )
             assert out.shape[1] == width + new
 
-        run_hf()
+        engine.compute.call(run_hf)
         t0 = time.perf_counter()
-        run_hf()
+        engine.compute.call(run_hf)
         t_hf = time.perf_counter() - t0
         tokens = n * new
         return [
