@@ -1,0 +1,101 @@
+"""The REST side (protocol §10): training runs and their checkpoints (list, get, delete, publish, TTL),
+signed download URLs and the blobs behind them, weights info and server-side copies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+
+from treadle.api.tinker.routes.wire import PREFIX, fields, owner
+from treadle.errors import UserError
+from treadle.service.paths import CheckpointRef
+from treadle.service.tinker_service import TinkerService
+from treadle.store import KINDS, check_name
+
+
+def ref(run_id: str, kind: str, name: str) -> CheckpointRef:
+    """The checkpoint a `/training_runs/{run_id}/checkpoints/{kind}/{name}` path names, checked."""
+    if kind not in KINDS:
+        raise UserError(
+            f"checkpoint_id: kind must be one of {', '.join(KINDS)}, got {kind!r}", field="checkpoint_id"
+        )
+    return CheckpointRef(run_id, kind, check_name(name, "checkpoint_id"))
+
+
+def make_router(service: TinkerService) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/training_runs")
+    async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        return service.list_runs(owner(service, request), limit, offset)
+
+    @r.get("/training_runs/{run_id}")
+    async def get_run(run_id: str, request: Request) -> dict[str, Any]:
+        return service.get_run(owner(service, request), run_id)
+
+    @r.get("/training_runs/{run_id}/checkpoints")
+    async def run_checkpoints(run_id: str, request: Request) -> dict[str, Any]:
+        return service.list_checkpoints(owner(service, request), run_id)
+
+    @r.get("/checkpoints")
+    async def all_checkpoints(request: Request, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        return service.list_checkpoints(owner(service, request), None, limit, offset)
+
+    @r.get("/training_runs/{run_id}/checkpoints/{kind}/{name}")
+    async def get_checkpoint(run_id: str, kind: str, name: str, request: Request) -> dict[str, Any]:
+        return service.get_checkpoint(owner(service, request), ref(run_id, kind, name))
+
+    @r.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
+    async def delete_checkpoint(run_id: str, kind: str, name: str, request: Request) -> dict[str, Any]:
+        service.delete_checkpoint(owner(service, request), ref(run_id, kind, name))
+        return {}
+
+    @r.post("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+    async def publish(run_id: str, kind: str, name: str, request: Request) -> dict[str, Any]:
+        service.set_public(owner(service, request), ref(run_id, kind, name), True)
+        return {}
+
+    @r.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+    async def unpublish(run_id: str, kind: str, name: str, request: Request) -> dict[str, Any]:
+        service.set_public(owner(service, request), ref(run_id, kind, name), False)
+        return {}
+
+    @r.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
+    async def set_ttl(run_id: str, kind: str, name: str, request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        service.set_ttl(who, ref(run_id, kind, name), f.get("ttl_seconds", int, None))
+        return {}
+
+    @r.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/external_weights_urls")
+    async def external_urls(run_id: str, kind: str, name: str, request: Request) -> dict[str, Any]:
+        urls, expires = service.external_urls(owner(service, request), ref(run_id, kind, name))
+        base = str(request.base_url).rstrip("/") + PREFIX + "/"
+        return {
+            "urls": {k: base + v for k, v in urls.items()},
+            "expires": dt.datetime.fromtimestamp(expires, dt.UTC).isoformat(),
+        }
+
+    @r.get("/blobs/{token}/{rel:path}")
+    async def blob(token: str, rel: str) -> Response:
+        # No X-API-Key: the SDK fetches these with plain urllib, so the signed token is the authorization.
+        return FileResponse(service.blob_file(token, rel))
+
+    @r.post("/weights_info")
+    async def weights_info(request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        return service.weights_info(who, f.get("tinker_path", str))
+
+    @r.post("/copy_weights")
+    async def copy_weights(request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        return {
+            "tinker_path": service.copy_weights(
+                who, f.get("source_path", str), f.get("ttl_seconds", int, None)
+            )
+        }
+
+    return r

@@ -1,0 +1,56 @@
+"""Futures (protocol §4): long-poll one request's result, list a sampling session's completed requests, and
+cancel a request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from treadle.api.tinker.routes.wire import Fields, fields, owner
+from treadle.errors import UserError
+from treadle.service.tinker_service import TinkerService
+
+
+def make_router(service: TinkerService) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/retrieve_future")
+    async def retrieve_future(request: Request) -> Response:
+        who, f = owner(service, request), await fields(request)
+        rid = f.get("request_id", str)
+        outcome = await service.retrieve(who, rid)
+        if outcome is None:
+            # 408 makes the SDK re-poll at once without logging (protocol §4.2).
+            return JSONResponse(
+                {"detail": "pending", "request_id": rid, "queue_state": "active"}, status_code=408
+            )
+        if outcome.error is not None:
+            return JSONResponse({"error": outcome.error, "category": outcome.category or "unknown"})
+        if outcome.proto is not None:
+            return Response(outcome.proto, media_type="application/x-protobuf")
+        return JSONResponse(outcome.json or {})
+
+    @r.post("/retrieve_futures")
+    async def retrieve_futures(request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        target = Fields(f.get("target", dict))
+        if target.get("type", str, "sampling_session") != "sampling_session":
+            raise UserError("target.type: only 'sampling_session' is supported", field="target.type")
+        done, cursor = await service.retrieve_futures(
+            who,
+            target.get("sampling_session_id", str),
+            f.get("prev_cursor", int, 0),
+            f.get("timeout", float, 30.0),
+        )
+        return {"completions": [{"state": st, "request_id": rid} for rid, st in done], "cursor": cursor}
+
+    @r.post("/cancel_future")
+    async def cancel_future(request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        # Protocol §4.3: the SDK ignores the answer; sampling requests stop generating, others complete.
+        return {"cancelled": service.cancel(who, f.get("request_id", str))}
+
+    return r

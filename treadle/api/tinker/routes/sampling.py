@@ -1,0 +1,89 @@
+"""Sampling (protocol §6): open a sampling session, read a sampler, and queue `asample`, whose prompt chunks
+and sampling params are checked here so that unsupported options fail with a named field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from treadle.api.tinker import codec
+from treadle.api.tinker.routes.wire import Fields, fields, future, owner
+from treadle.engine.types import SampleRequest, SamplingParams
+from treadle.errors import UserError
+from treadle.service.tinker_service import TinkerService
+
+
+def make_router(service: TinkerService) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/create_sampling_session")
+    async def create_sampling_session(request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        sid = await service.create_sampling_session(
+            who,
+            f.get("session_id", str),
+            f.get("sampling_session_seq_id", int),
+            f.get("base_model", str, None),
+            f.get("model_path", str, None),
+        )
+        return {"sampling_session_id": sid, "type": "create_sampling_session"}
+
+    @r.get("/samplers/{sampler_id}")
+    async def get_sampler(sampler_id: str, request: Request) -> dict[str, Any]:
+        return service.get_sampler(owner(service, request), sampler_id)
+
+    @r.post("/asample")
+    async def asample(request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        req = SampleRequest(
+            adapter_id=None,
+            prompt=_prompt_tokens(f),
+            params=_sampling_params(f),
+            num_samples=f.get("num_samples", int, 1),
+            prompt_logprobs=f.get("prompt_logprobs", bool, False),
+            topk_prompt_logprobs=f.get("topk_prompt_logprobs", int, 0),
+        )
+        if req.topk_prompt_logprobs:
+            req.prompt_logprobs = True
+        sid = f.get("sampling_session_id", str)
+        rid, seq_ids = await service.sample(who, sid, f.get("seq_id", int, 0), req)
+        return future(rid, sample_sequence_ids=seq_ids)
+
+    return r
+
+
+def _prompt_tokens(f: Fields) -> list[int]:
+    """The prompt's token ids: every chunk must be `encoded_text` (no images on this server)."""
+    prompt: list[int] = []
+    for i, chunk in enumerate(Fields(f.get("prompt", dict)).get("chunks", list)):
+        c = Fields(chunk)
+        if c.get("type", str, "encoded_text") != "encoded_text":
+            raise UserError(
+                f"prompt.chunks[{i}].type: only encoded_text is supported, got {c.raw.get('type')!r}",
+                field=f"prompt.chunks[{i}].type",
+            )
+        toks = c.get("tokens", list)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
+            raise UserError(f"prompt.chunks[{i}].tokens: must be a list of integers", field="prompt")
+        prompt.extend(toks)
+    return prompt
+
+
+def _sampling_params(f: Fields) -> SamplingParams:
+    """`sampling_params`, after refusing the prompt-logprob options this server does not implement."""
+    if f.raw.get("prompt_logprobs_last_n") is not None or f.raw.get("prompt_alt_tokens_k"):
+        raise UserError(
+            "prompt_logprobs_last_n / prompt_alt_tokens_k: not supported by this server",
+            field="prompt_logprobs_last_n",
+        )
+    if f.raw.get("target_prompt_logprobs") is not None or f.raw.get("topk_sample_logprobs"):
+        raise UserError(
+            "target_prompt_logprobs / topk_sample_logprobs: not supported by this server",
+            field="target_prompt_logprobs",
+        )
+    try:
+        return codec.sampling_params(f.get("sampling_params", dict, {}))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"sampling_params: {e}", field="sampling_params") from e

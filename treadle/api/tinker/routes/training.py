@@ -1,0 +1,89 @@
+"""Training (protocol §5): create a LoRA training run, read its info, and queue forward_backward and
+optim_step; each queued op answers with a future.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from treadle.api.tinker import codec
+from treadle.api.tinker.routes.wire import Fields, fields, future, owner
+from treadle.engine.types import AdamParams, LoraConfig
+from treadle.errors import UserError
+from treadle.service.tinker_service import TinkerService
+
+
+def make_router(service: TinkerService) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/create_model")
+    async def create_model(request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        lc = Fields(f.get("lora_config", dict, {"rank": 32}))
+        lora = LoraConfig(
+            rank=lc.get("rank", int, 32),
+            seed=lc.get("seed", int, None),
+            train_attn=lc.get("train_attn", bool, True),
+            train_mlp=lc.get("train_mlp", bool, True),
+            train_unembed=lc.get("train_unembed", bool, True),
+        )
+        opt = f.get("optimizer_config", dict, {"type": "adamw"})
+        if opt.get("type", "adamw") != "adamw":
+            raise UserError(
+                f"optimizer_config.type: only 'adamw' is supported, got {opt.get('type')!r}",
+                field="optimizer_config.type",
+            )
+        rid, mid = service.create_model(
+            who,
+            f.get("session_id", str),
+            f.get("model_seq_id", int),
+            f.get("base_model", str),
+            lora,
+            f.get("user_metadata", dict, {}),
+        )
+        return future(rid, mid)
+
+    @r.post("/get_info")
+    async def get_info(request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        return service.get_info(who, f.get("model_id", str))
+
+    @r.post("/forward_backward")
+    async def forward_backward(request: Request) -> dict[str, Any]:
+        who = owner(service, request)
+        if request.headers.get("content-encoding", "identity") not in ("identity", ""):
+            raise UserError(
+                "Content-Encoding: compressed forward_backward bodies are not enabled on this server",
+                field="Content-Encoding",
+            )
+        ctype = request.headers.get("content-type", "")
+        if "protobuf" not in ctype:
+            raise UserError(
+                f"Content-Type: forward_backward takes application/x-protobuf, got {ctype!r}",
+                field="Content-Type",
+            )
+        mid, seq_id, req = codec.decode_forward_backward(await request.body())
+        return future(service.forward_backward(who, mid, seq_id, req), mid)
+
+    @r.post("/optim_step")
+    async def optim_step(request: Request) -> dict[str, Any]:
+        who, f = owner(service, request), await fields(request)
+        raw = next(
+            (f.raw[k] for k in ("adam_params", "optim_params", "optimizer_params") if f.raw.get(k)), {}
+        )
+        a = Fields(raw)
+        d = AdamParams()
+        params = AdamParams(
+            learning_rate=a.get("learning_rate", float, d.learning_rate),
+            beta1=a.get("beta1", float, d.beta1),
+            beta2=a.get("beta2", float, d.beta2),
+            eps=a.get("eps", float, d.eps),
+            weight_decay=a.get("weight_decay", float, d.weight_decay),
+            grad_clip_norm=a.get("grad_clip_norm", float, d.grad_clip_norm),
+        )
+        mid = f.get("model_id", str)
+        return future(service.optim_step(who, mid, f.get("seq_id", int), params), mid)
+
+    return r
