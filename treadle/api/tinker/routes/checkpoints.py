@@ -26,9 +26,7 @@ def ref(run_id: str, kind: str, name: str) -> CheckpointRef:
     return CheckpointRef(run_id, kind, check_name(name, "checkpoint_id"))
 
 
-def make_router(service: TinkerService) -> APIRouter:
-    r = APIRouter()
-
+def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.get("/training_runs")
     async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> dict[str, Any]:
         return service.list_runs(owner(service, request), limit, offset)
@@ -97,5 +95,3 @@ def make_router(service: TinkerService) -> APIRouter:
                 who, f.get("source_path", str), f.get("ttl_seconds", int, None)
             )
         }
-
-    return r

@@ -14,9 +14,7 @@ from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
 
 
-def make_router(service: TinkerService) -> APIRouter:
-    r = APIRouter()
-
+def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/retrieve_future")
     async def retrieve_future(request: Request) -> Response:
         who, f = owner(service, request), await fields(request)
@@ -52,5 +50,3 @@ def make_router(service: TinkerService) -> APIRouter:
         who, f = owner(service, request), await fields(request)
         # Protocol §4.3: the SDK ignores the answer; sampling requests stop generating, others complete.
         return {"cancelled": service.cancel(who, f.get("request_id", str))}
-
-    return r

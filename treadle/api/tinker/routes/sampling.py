@@ -15,9 +15,7 @@ from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
 
 
-def make_router(service: TinkerService) -> APIRouter:
-    r = APIRouter()
-
+def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/create_sampling_session")
     async def create_sampling_session(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
@@ -50,8 +48,6 @@ def make_router(service: TinkerService) -> APIRouter:
         sid = f.get("sampling_session_id", str)
         rid, seq_ids = await service.sample(who, sid, f.get("seq_id", int, 0), req)
         return future(rid, sample_sequence_ids=seq_ids)
-
-    return r
 
 
 def _prompt_tokens(f: Fields) -> list[int]:

@@ -13,9 +13,7 @@ from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
 
 
-def make_router(service: TinkerService) -> APIRouter:
-    r = APIRouter()
-
+def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/client/config")
     async def client_config(request: Request) -> dict[str, Any]:
         owner(service, request)
@@ -72,5 +70,3 @@ def make_router(service: TinkerService) -> APIRouter:
     async def whoami(request: Request) -> dict[str, Any]:
         who = owner(service, request)
         return {"key_id": 0, "name": who, "note": "treadle", "details": {}}
-
-    return r

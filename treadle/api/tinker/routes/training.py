@@ -15,9 +15,7 @@ from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
 
 
-def make_router(service: TinkerService) -> APIRouter:
-    r = APIRouter()
-
+def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/create_model")
     async def create_model(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
@@ -85,5 +83,3 @@ def make_router(service: TinkerService) -> APIRouter:
         )
         mid = f.get("model_id", str)
         return future(service.optim_step(who, mid, f.get("seq_id", int), params), mid)
-
-    return r

@@ -13,9 +13,7 @@ from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
 
 
-def make_router(service: TinkerService) -> APIRouter:
-    r = APIRouter()
-
+def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/save_weights")
     async def save_weights(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
@@ -82,5 +80,3 @@ def make_router(service: TinkerService) -> APIRouter:
             f.get("user_metadata", dict, None),
         )
         return future(rid, mid)
-
-    return r
