@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
+from sqlalchemy.exc import IntegrityError
 
 metadata = sa.MetaData()
 
@@ -80,6 +81,21 @@ futures_t = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("category", sa.String(16), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# The futures statements run on every op's path: built once, executed with parameters.
+_INSERT_FUTURE = futures_t.insert()
+_FUTURE_BY_DEDUPE = sa.select(futures_t.c.request_id).where(futures_t.c.dedupe_key == sa.bindparam("key"))
+_FINISH_FUTURE = (
+    futures_t.update()
+    .where(futures_t.c.request_id == sa.bindparam("rid"))
+    .values(
+        state=sa.bindparam("state"),
+        result_json=sa.bindparam("result_json"),
+        result_proto=sa.bindparam("result_proto"),
+        error=sa.bindparam("error"),
+        category=sa.bindparam("category"),
+    )
 )
 
 
@@ -313,25 +329,29 @@ class MetadataStore:
 
     # ---- futures
     def add_future(self, request_id: str, owner: str, kind: str, dedupe_key: str | None) -> str:
-        """Insert a pending future; if `dedupe_key` was seen before, return the existing request id instead."""
-        with self._write_lock, self._engine.begin() as conn:
-            if dedupe_key is not None:
-                hit = conn.execute(
-                    sa.select(futures_t.c.request_id).where(futures_t.c.dedupe_key == dedupe_key)
-                ).first()
-                if hit is not None:
-                    return str(hit[0])
-            conn.execute(
-                futures_t.insert().values(
-                    request_id=request_id,
-                    owner=owner,
-                    kind=kind,
-                    dedupe_key=dedupe_key,
-                    state="pending",
-                    created_at=utcnow(),
-                )
-            )
-        return request_id
+        """Insert a pending future; if `dedupe_key` was seen before, return the existing request id instead.
+
+        On every op's path: one prepared INSERT in the common case, the lookup only when the key's unique
+        constraint refuses it (a retried submission)."""
+        row = {
+            "request_id": request_id,
+            "owner": owner,
+            "kind": kind,
+            "dedupe_key": dedupe_key,
+            "state": "pending",
+            "created_at": utcnow(),
+        }
+        try:
+            with self._write_lock, self._engine.begin() as conn:
+                conn.execute(_INSERT_FUTURE, row)
+            return request_id
+        except IntegrityError:
+            if dedupe_key is None:
+                raise
+        with self._engine.connect() as conn:
+            hit = conn.execute(_FUTURE_BY_DEDUPE, {"key": dedupe_key}).first()
+        assert hit is not None, "futures are never deleted, so the row that refused ours exists"
+        return str(hit[0])
 
     def finish_future(
         self,
@@ -342,17 +362,18 @@ class MetadataStore:
         error: str | None = None,
         category: str | None = None,
     ) -> None:
-        self._write(
-            futures_t.update()
-            .where(futures_t.c.request_id == request_id)
-            .values(
-                state="error" if error is not None else "done",
-                result_json=result_json,
-                result_proto=result_proto,
-                error=error,
-                category=category,
+        with self._write_lock, self._engine.begin() as conn:
+            conn.execute(
+                _FINISH_FUTURE,
+                {
+                    "rid": request_id,
+                    "state": "error" if error is not None else "done",
+                    "result_json": result_json,
+                    "result_proto": result_proto,
+                    "error": error,
+                    "category": category,
+                },
             )
-        )
 
     def get_future(self, request_id: str) -> FutureRow | None:
         q = futures_t.select().where(futures_t.c.request_id == request_id)

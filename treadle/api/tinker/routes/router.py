@@ -12,7 +12,8 @@ from treadle.service.tinker_service import TinkerService
 def make_router(service: TinkerService) -> APIRouter:
     # Every concern adds its routes to this one router rather than building a router of its own to include:
     # FastAPI matches each included router as one more level on every request (+20% dispatch time measured).
+    # FastAPI tries routes in order: the per-op routes (futures, training, sampling) go first.
     r = APIRouter(prefix=PREFIX)
-    for concern in (sessions, training, weights, sampling, futures, checkpoints):
+    for concern in (futures, training, sampling, sessions, weights, checkpoints):
         concern.add_routes(r, service)
     return r
