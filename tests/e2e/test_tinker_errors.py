@@ -8,6 +8,7 @@ import socket
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 import tinker
 from tinker import types
@@ -185,6 +186,32 @@ def test_invalid_sampling_and_too_long(tinker_server: ServerProcess) -> None:
         tc.forward_backward([short], "stable_reinforce").result()
     # The same client keeps working afterwards.
     assert len(sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2)).result().sequences) == 1
+
+
+def test_refused_ops_do_not_wedge_the_training_client(tinker_server: ServerProcess) -> None:
+    """The SDK numbers every op and never resends one the server refused, so each refused op must still use
+    its seq_id; otherwise every later op of the client waits forever for the missing one."""
+    sc = tinker.ServiceClient(base_url=tinker_server.base_url, api_key=API_KEY)
+    tc = sc.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    toks = [1, 5, 9, 13, 17]
+    targets = {"target_tokens": types.TensorData.from_numpy(np.array(toks[1:], dtype=np.int64))}
+    good = types.Datum(model_input=types.ModelInput.from_ints(toks[:-1]), loss_fn_inputs=targets)
+    image = types.Datum(
+        model_input=types.ModelInput(
+            chunks=[types.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=4)]
+        ),
+        loss_fn_inputs=targets,
+    )
+    # refused by the JSON route's validation, by the protobuf decoder, and by the checkpoint-name check
+    with pytest.raises(tinker.BadRequestError, match="learning_rate"):
+        tc.optim_step(types.AdamParams(learning_rate=-1.0)).result(timeout=60)
+    with pytest.raises(tinker.BadRequestError, match="encoded_text"):
+        tc.forward_backward([image], "cross_entropy").result(timeout=60)
+    with pytest.raises(tinker.BadRequestError, match="path"):
+        tc.save_state("../escape").result(timeout=60)
+    out = tc.forward_backward([good], "cross_entropy").result(timeout=60)
+    assert out.metrics["loss:sum"] > 0
+    assert "metrics" in dir(tc.optim_step(types.AdamParams(learning_rate=1e-3)).result(timeout=60))
 
 
 def test_finished_session_answers_410(http: httpx.Client, tinker_server: ServerProcess) -> None:

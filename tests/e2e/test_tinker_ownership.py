@@ -69,6 +69,12 @@ def test_keys_and_owners(keyed_server: ServerProcess) -> None:
     assert r.status_code == 404
     r = bob_http.delete(f"/training_runs/{tc.model_id}/checkpoints/weights/mine")
     assert r.status_code == 404
+    # bob's refused ops on alice's model use up none of alice's seq_ids: her next ops still run in order
+    for seq in range(1, 6):
+        r = bob_http.post("/optim_step", json={"model_id": tc.model_id, "seq_id": seq, "adam_params": {}})
+        assert r.status_code == 404
+    assert tc.forward([_datum()], "cross_entropy").result(timeout=60).metrics["loss:sum"] > 0
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result(timeout=60)
 
     # Published: bob may load it (weights only) but still not delete it.
     alice_rest.publish_checkpoint_from_tinker_path(state).result()

@@ -113,6 +113,22 @@ class ServiceState:
                 self.hub.fail(rid, e)
         return rid
 
+    def skip_seq(self, owner: str, model_id: object, seq_id: object) -> None:
+        """Count a rejected op's seq_id: queue a no-op in its place so the ops after it still run.
+
+        The SDK numbers every op of a training client and never resends one the server refused (a 4xx is
+        final), so an unused seq_id would hold every later op of that model back forever. Only the caller's
+        own loaded model is touched, and a seq_id that was already used is left alone."""
+        if not isinstance(model_id, str) or type(seq_id) is not int or seq_id < 1:
+            return
+        m = self.models.get(model_id)
+        if m is None or m.owner != owner:
+            return
+        try:
+            m.worker.submit_call(model_id, seq_id, lambda: None, lambda _outcome: None)
+        except TreadleError:
+            pass  # that seq_id is already queued or done: nothing to fill
+
     def ordered(
         self,
         owner: str,

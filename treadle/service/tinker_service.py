@@ -101,6 +101,10 @@ class TinkerService:
     def forward_backward(self, owner: str, model_id: str, seq_id: int, req: ForwardBackwardRequest) -> str:
         return self._training.forward_backward(owner, model_id, seq_id, req)
 
+    def skip_seq(self, owner: str, model_id: object, seq_id: object) -> None:
+        """A request for (model_id, seq_id) was refused before it was queued: keep the model's order moving."""
+        self._state.skip_seq(owner, model_id, seq_id)
+
     def optim_step(self, owner: str, model_id: str, seq_id: int, params: AdamParams) -> str:
         return self._training.optim_step(owner, model_id, seq_id, params)
 

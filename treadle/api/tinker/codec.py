@@ -29,6 +29,11 @@ EMPTY_TOPK_LOGPROB = -99999.0  # protocol §6.2: empty top-k slots are token 0 /
 
 def decode_forward_backward(body: bytes) -> tuple[str, int, ForwardBackwardRequest]:
     """Returns (model_id, seq_id, request); every malformed part is a UserError naming the field."""
+    return forward_backward_from_message(parse_forward_backward(body))
+
+
+def parse_forward_backward(body: bytes) -> pb.ForwardBackwardRequest:
+    """The protobuf message alone (its model_id and seq_id are readable even if its data is invalid)."""
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
@@ -36,6 +41,10 @@ def decode_forward_backward(body: bytes) -> tuple[str, int, ForwardBackwardReque
         raise UserError(
             f"body: not a valid tinker_public.ForwardBackwardRequest protobuf ({e})", field="body"
         ) from e
+    return msg
+
+
+def forward_backward_from_message(msg: pb.ForwardBackwardRequest) -> tuple[str, int, ForwardBackwardRequest]:
     require_text(msg.model_id, "model_id")
     config: dict[str, float] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for k, v in msg.loss_fn_config_v2.items():

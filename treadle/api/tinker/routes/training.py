@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from treadle.api.tinker import codec
-from treadle.api.tinker.routes.wire import Fields, fields, future, owner
+from treadle.api.tinker.routes.wire import Fields, counted, fields, future, owner
 from treadle.engine.types import AdamParams, LoraConfig
 from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
@@ -62,24 +62,27 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
                 f"Content-Type: forward_backward takes application/x-protobuf, got {ctype!r}",
                 field="Content-Type",
             )
-        mid, seq_id, req = codec.decode_forward_backward(await request.body())
-        return future(service.forward_backward(who, mid, seq_id, req), mid)
+        msg = codec.parse_forward_backward(await request.body())
+        with counted(service, who, msg.model_id, int(msg.seq_id)):
+            mid, seq_id, req = codec.forward_backward_from_message(msg)
+            return future(service.forward_backward(who, mid, seq_id, req), mid)
 
     @r.post("/optim_step")
     async def optim_step(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        raw = next(
-            (f.raw[k] for k in ("adam_params", "optim_params", "optimizer_params") if f.raw.get(k)), {}
-        )
-        a = Fields(raw)
-        d = AdamParams()
-        params = AdamParams(
-            learning_rate=a.get("learning_rate", float, d.learning_rate),
-            beta1=a.get("beta1", float, d.beta1),
-            beta2=a.get("beta2", float, d.beta2),
-            eps=a.get("eps", float, d.eps),
-            weight_decay=a.get("weight_decay", float, d.weight_decay),
-            grad_clip_norm=a.get("grad_clip_norm", float, d.grad_clip_norm),
-        )
-        mid = f.get("model_id", str)
-        return future(service.optim_step(who, mid, f.get("seq_id", int), params), mid)
+        with counted(service, who, f.raw.get("model_id"), f.raw.get("seq_id")):
+            raw = next(
+                (f.raw[k] for k in ("adam_params", "optim_params", "optimizer_params") if f.raw.get(k)), {}
+            )
+            a = Fields(raw)
+            d = AdamParams()
+            params = AdamParams(
+                learning_rate=a.get("learning_rate", float, d.learning_rate),
+                beta1=a.get("beta1", float, d.beta1),
+                beta2=a.get("beta2", float, d.beta2),
+                eps=a.get("eps", float, d.eps),
+                weight_decay=a.get("weight_decay", float, d.weight_decay),
+                grad_clip_norm=a.get("grad_clip_norm", float, d.grad_clip_norm),
+            )
+            mid = f.get("model_id", str)
+            return future(service.optim_step(who, mid, f.get("seq_id", int), params), mid)

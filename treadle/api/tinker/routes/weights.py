@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from treadle.api.tinker.routes.wire import fields, future, owner
+from treadle.api.tinker.routes.wire import counted, fields, future, owner
 from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
 
@@ -17,60 +17,72 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/save_weights")
     async def save_weights(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        mid = f.get("model_id", str)
-        rid = service.save_weights(
-            who,
-            mid,
-            f.get("seq_id", int),
-            f.get("path", str),
-            kind="weights",
-            ttl_seconds=f.get("ttl_seconds", int, None),
-            overwrite=f.get("overwrite", bool, True),
-            user_metadata=f.get("user_metadata", dict, {}),
-        )
-        return future(rid, mid)
+        with counted(service, who, f.raw.get("model_id"), f.raw.get("seq_id")):
+            mid = f.get("model_id", str)
+            rid = service.save_weights(
+                who,
+                mid,
+                f.get("seq_id", int),
+                f.get("path", str),
+                kind="weights",
+                ttl_seconds=f.get("ttl_seconds", int, None),
+                overwrite=f.get("overwrite", bool, True),
+                user_metadata=f.get("user_metadata", dict, {}),
+            )
+            return future(rid, mid)
 
     @r.post("/save_weights_for_sampler")
     async def save_for_sampler(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        mid, seq_id = f.get("model_id", str), f.get("seq_id", int)
-        name = f.get("path", str, None)
-        if name is None:
-            rid = service.save_for_sampler_ephemeral(who, mid, seq_id, f.get("sampling_session_seq_id", int))
-        else:
-            rid = service.save_weights(
-                who,
-                mid,
-                seq_id,
-                name,
-                kind="sampler_weights",
-                ttl_seconds=f.get("ttl_seconds", int, None),
-                overwrite=True,
-                user_metadata=f.get("user_metadata", dict, {}),
-            )
-        return future(rid, mid)
+        with counted(service, who, f.raw.get("model_id"), f.raw.get("seq_id")):
+            mid, seq_id = f.get("model_id", str), f.get("seq_id", int)
+            name = f.get("path", str, None)
+            if name is None:
+                rid = service.save_for_sampler_ephemeral(
+                    who, mid, seq_id, f.get("sampling_session_seq_id", int)
+                )
+            else:
+                rid = service.save_weights(
+                    who,
+                    mid,
+                    seq_id,
+                    name,
+                    kind="sampler_weights",
+                    ttl_seconds=f.get("ttl_seconds", int, None),
+                    overwrite=True,
+                    user_metadata=f.get("user_metadata", dict, {}),
+                )
+            return future(rid, mid)
 
     @r.post("/save_weights_external")
     async def save_external(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        mid = f.get("model_id", str)
-        recipients = f.get("age_encryption_recipients", list, None)
-        if recipients is not None and not all(isinstance(x, str) for x in recipients):
-            raise UserError(
-                "age_encryption_recipients: must be a list of strings", field="age_encryption_recipients"
+        with counted(service, who, f.raw.get("model_id"), f.raw.get("seq_id")):
+            mid = f.get("model_id", str)
+            recipients = f.get("age_encryption_recipients", list, None)
+            if recipients is not None and not all(isinstance(x, str) for x in recipients):
+                raise UserError(
+                    "age_encryption_recipients: must be a list of strings", field="age_encryption_recipients"
+                )
+            rid = service.save_weights_external(
+                who,
+                mid,
+                f.get("seq_id", int),
+                f.get("path", str),
+                f.get("ttl_seconds", int, None),
+                recipients,
             )
-        rid = service.save_weights_external(
-            who, mid, f.get("seq_id", int), f.get("path", str), f.get("ttl_seconds", int, None), recipients
-        )
-        return future(rid, mid)
+            return future(rid, mid)
 
     @r.post("/load_weights")
     async def load_weights(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
+        if "model_id" in f.raw and f.raw["model_id"]:  # legacy load_state into an existing run: sequenced
+            with counted(service, who, f.raw.get("model_id"), f.raw.get("seq_id")):
+                path, optimizer = f.get("path", str), f.get("optimizer", bool, False)
+                mid = f.get("model_id", str)
+                return future(service.load_weights_into(who, mid, f.get("seq_id", int), path, optimizer), mid)
         path, optimizer = f.get("path", str), f.get("optimizer", bool, False)
-        if "model_id" in f.raw and f.raw["model_id"]:
-            mid = f.get("model_id", str)
-            return future(service.load_weights_into(who, mid, f.get("seq_id", int), path, optimizer), mid)
         rid, mid = service.load_weights_new(
             who,
             f.get("session_id", str),

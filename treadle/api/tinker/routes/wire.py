@@ -4,12 +4,14 @@ every error), the caller's identity from `X-API-Key`, and the future reply the S
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from fastapi import Request
 
-from treadle.errors import UserError
+from treadle.errors import TreadleError, UserError
 from treadle.service.tinker_service import TinkerService
 
 PREFIX = "/api/v1"  # every Tinker route sits under it (protocol §2)
@@ -59,3 +61,14 @@ def future(request_id: str, model_id: str | None = None, **extra: Any) -> dict[s
     if model_id is not None:
         out["model_id"] = model_id
     return out
+
+
+@contextlib.contextmanager
+def counted(service: TinkerService, who: str, model_id: object, seq_id: object) -> Iterator[None]:
+    """Wrap the handling of a sequenced training op: if it is refused (any error answered to the client), its
+    seq_id is still counted, so one bad request never wedges the training client (see `skip_seq`)."""
+    try:
+        yield
+    except TreadleError:
+        service.skip_seq(who, model_id, seq_id)
+        raise
