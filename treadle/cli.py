@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--session-timeout", type=float, default=None, help="seconds without heartbeat before expiry"
     )
     s.add_argument(
+        "--ephemeral-samplers",
+        type=int,
+        default=None,
+        help="sampler snapshots (save_weights_and_get_sampling_client) kept in memory per run (default 4)",
+    )
+    s.add_argument(
         "--max-request-mb", type=float, default=None, help="largest request body accepted (default 256)"
     )
     s.set_defaults(func=_serve)

@@ -44,6 +44,7 @@ class ServerConfig:
     sweep_interval_s: float = 30.0  # how often expired sessions and checkpoint TTLs are enforced
     max_request_bytes: int = 256 * 1024 * 1024
     max_lora_rank: int = 128
+    ephemeral_samplers: int = 4  # in-memory sampler snapshots kept per training run
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> ServerConfig:
@@ -62,8 +63,15 @@ class ServerConfig:
             cfg.session_timeout_s = float(args.session_timeout)
             cfg.sweep_interval_s = min(cfg.sweep_interval_s, max(cfg.session_timeout_s / 4, 0.5))
         if getattr(args, "max_request_mb", None) is not None:
-            require(args.max_request_mb > 0, "max_request_mb", f"must be > 0, got {args.max_request_mb}")
+            require(args.max_request_mb > 0, "--max-request-mb", f"must be > 0, got {args.max_request_mb}")
             cfg.max_request_bytes = int(args.max_request_mb * 2**20)
+        if getattr(args, "ephemeral_samplers", None) is not None:
+            require(
+                args.ephemeral_samplers >= 1,
+                "--ephemeral-samplers",
+                f"must be ≥ 1, got {args.ephemeral_samplers}",
+            )
+            cfg.ephemeral_samplers = args.ephemeral_samplers
         return cfg
 
     def model_names(self) -> list[str]:
@@ -113,7 +121,11 @@ def build_service(cfg: ServerConfig) -> Any:
             )
         )
     store = MetadataStore(cfg.db_url or f"sqlite:///{cfg.data_dir / 'treadle.db'}")
-    scfg = ServiceConfig(data_dir=cfg.data_dir, session_timeout_s=cfg.session_timeout_s)
+    scfg = ServiceConfig(
+        data_dir=cfg.data_dir,
+        session_timeout_s=cfg.session_timeout_s,
+        ephemeral_samplers_per_model=cfg.ephemeral_samplers,
+    )
     return TinkerService(scfg, store, WorkerPool(engines), auth, ProtoCodec())
 
 

@@ -91,8 +91,9 @@ class Sampling:
             target = await self._checkpoint_sampler(owner, paths.parse_path(row.model_path, "model_path"))
         elif row.source == "snapshot":
             raise NotFoundError(
-                f"sampling_session_id: {sampler_id!r} sampled in-memory weights that were released "
-                "(newer snapshots replaced them, the session ended or the server restarted)",
+                f"sampling_session_id: {sampler_id!r} sampled in-memory weights that were released (newer "
+                f"snapshots replaced them: {self.s.cfg.ephemeral_samplers_per_model} are kept per run, see "
+                "treadle serve --ephemeral-samplers; or the session ended or the server restarted)",
                 field="sampling_session_id",
             )
         else:
