@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from treadle.api.tinker.routes.wire import counted, fields, future, owner
+from treadle.api.tinker.routes.wire import Fields, counted, fields, future, owner
 from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
 
@@ -18,18 +18,9 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     async def save_weights(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
         with counted(service, who, f.raw.get("model_id"), f.raw.get("seq_id")):
-            mid = f.get("model_id", str)
-            rid = service.save_weights(
-                who,
-                mid,
-                f.get("seq_id", int),
-                f.get("path", str),
-                kind="weights",
-                ttl_seconds=f.get("ttl_seconds", int, None),
-                overwrite=f.get("overwrite", bool, True),
-                user_metadata=f.get("user_metadata", dict, {}),
-            )
-            return future(rid, mid)
+            mid, seq_id = f.get("model_id", str), f.get("seq_id", int)
+            overwrite = f.get("overwrite", bool, True)
+            return future(_save(service, who, f, mid, seq_id, f.get("path", str), "weights", overwrite), mid)
 
     @r.post("/save_weights_for_sampler")
     async def save_for_sampler(request: Request) -> dict[str, Any]:
@@ -42,16 +33,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
                     who, mid, seq_id, f.get("sampling_session_seq_id", int)
                 )
             else:
-                rid = service.save_weights(
-                    who,
-                    mid,
-                    seq_id,
-                    name,
-                    kind="sampler_weights",
-                    ttl_seconds=f.get("ttl_seconds", int, None),
-                    overwrite=True,
-                    user_metadata=f.get("user_metadata", dict, {}),
-                )
+                rid = _save(service, who, f, mid, seq_id, name, "sampler_weights", True)
             return future(rid, mid)
 
     @r.post("/save_weights_external")
@@ -92,3 +74,19 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
             f.get("user_metadata", dict, None),
         )
         return future(rid, mid)
+
+
+def _save(
+    service: TinkerService, who: str, f: Fields, mid: str, seq_id: int, name: str, kind: str, overwrite: bool
+) -> str:
+    """A named checkpoint of `kind`, with the body's optional TTL and metadata."""
+    return service.save_weights(
+        who,
+        mid,
+        seq_id,
+        name,
+        kind=kind,
+        ttl_seconds=f.get("ttl_seconds", int, None),
+        overwrite=overwrite,
+        user_metadata=f.get("user_metadata", dict, {}),
+    )
