@@ -99,13 +99,12 @@ class ComputeThread:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self._closed and not self._jobs and not self._due():
+                while not (due := self._due()) and not self._jobs and not self._closed:
                     self.cond.wait()
                 if self._closed and not self._jobs:
                     return
                 jobs = list(self._jobs)
                 self._jobs.clear()
-                due = self._due()
             for fn, fut in jobs:
                 if not fut.set_running_or_notify_cancel():
                     continue
