@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+from treadle.bench.registry import BENCHMARKS
 
 # = treadle.models.embedded.DEFAULT_MODEL, repeated so `treadle --help` does not import torch
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# Command groups that live beside the code they drive; each module has `register(subparsers)` and must
+# import nothing heavy at module level (so `treadle --help` stays fast).
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -94,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench", help="benchmarks: each prints a table and writes JSON, as ratios to a baseline"
     )
-    b.add_argument("which", choices=["train", "sample", "api", "determinism"])
+    b.add_argument("which", choices=sorted(BENCHMARKS))
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--out", default="bench-results", help="directory for the JSON results")
     b.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     b.set_defaults(func=_bench)
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from treadle.bench.registry import BENCHMARKS
+
 
 @dataclasses.dataclass
 class Row:
@@ -75,19 +77,9 @@ def report(which: str, rows: list[Row], out: str, extra: dict[str, object] | Non
 
 
 def run_benchmark(which: str, *, model: str, out: str, quick: bool) -> int:
-    if which == "train":
-        from treadle.bench.train import bench_train
+    import importlib
 
-        return report(which, bench_train(model, quick=quick), out)
-    if which == "sample":
-        from treadle.bench.sample import bench_sample
-
-        return report(which, bench_sample(model, quick=quick), out)
-    if which == "api":
-        from treadle.bench.api import bench_api
-
-        rows, extra = bench_api(model, quick=quick)
-        return report(which, rows, out, extra)
-    from treadle.bench.determinism import bench_determinism
-
-    return report(which, bench_determinism(model, quick=quick), out)
+    module, _, fn = BENCHMARKS[which].partition(":")
+    result = getattr(importlib.import_module(module), fn)(model, quick=quick)
+    rows, extra = result if isinstance(result, tuple) else (result, None)
+    return report(which, rows, out, extra)

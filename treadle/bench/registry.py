@@ -1,0 +1,9 @@
+"""The benchmarks `treadle bench NAME` runs (kept free of torch so the CLI's help stays fast)."""
+
+# name -> "module:function"; the function takes (model, quick=...) and returns rows or (rows, extra).
+BENCHMARKS: dict[str, str] = {
+    "train": "treadle.bench.train:bench_train",
+    "sample": "treadle.bench.sample:bench_sample",
+    "api": "treadle.bench.api:bench_api",
+    "determinism": "treadle.bench.determinism:bench_determinism",
+}
