@@ -45,7 +45,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from treadle.bench import run_benchmark
+    from treadle.bench.runner import run_benchmark
 
     return run_benchmark(args.which, model=args.model, out=args.out, quick=args.quick)
 

@@ -1,5 +1,5 @@
-"""`treadle bench …`: benchmarks that time treadle against a baseline in the same run and print the ratio."""
+"""`treadle bench …`: benchmarks that time treadle against a baseline in the same run and print the ratio.
 
-from treadle.bench.runner import run_benchmark
-
-__all__ = ["run_benchmark"]
+The runner lives in `treadle.bench.runner` (it imports torch); this package stays light so the CLI can read
+the list of benchmarks from `treadle.bench.registry` without loading torch.
+"""
