@@ -6,4 +6,5 @@ BENCHMARKS: dict[str, str] = {
     "sample": "treadle.bench.sample:bench_sample",
     "api": "treadle.bench.api:bench_api",
     "determinism": "treadle.bench.determinism:bench_determinism",
+    "tenants": "treadle.bench.tenants:bench_tenants",
 }
