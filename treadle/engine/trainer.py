@@ -91,6 +91,9 @@ def _run_microbatch(
 ) -> list[tuple[_Row, torch.Tensor, losses.LossOutput]]:
     """One model pass over rows of possibly different adapters; backward of the training rows' summed loss."""
     device = next(model.parameters()).device
+    # rows of one adapter side by side: the LoRA hook then works on contiguous slices (no gather/scatter)
+    first_seen = {a: i for i, a in reversed(list(enumerate(r.adapter_id for r in mb)))}
+    mb = sorted(mb, key=lambda r: first_seen[r.adapter_id])
     T = max(int(r.datum.tokens.numel()) for r in mb)
     tokens_B_T = torch.zeros(len(mb), T, dtype=torch.long, device=device)
     for b, r in enumerate(mb):

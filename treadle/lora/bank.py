@@ -16,7 +16,7 @@ from treadle.errors import NotFoundError, UserError
 from treadle.lora.adamw import adamw_step
 from treadle.lora.adapter import Adapter, new_adapter
 from treadle.lora.peft_io import read_adapter, write_adapter
-from treadle.lora.routing import RoutedLora
+from treadle.lora.routing import GroupedLora
 from treadle.models.causal_lm import CausalLM
 from treadle.models.hooks import LoraHook
 
@@ -75,26 +75,29 @@ class AdapterBank:
     def hook(
         self, adapter_ids_B: Sequence[str | None], *, train_ids: Collection[str] | None = None
     ) -> LoraHook | None:
-        """Per-row routing for one batch (row b uses `adapter_ids_B[b]`, None = base model).
+        """Grouped per-row routing for one batch (row b uses `adapter_ids_B[b]`, None = base model).
 
         `train_ids` names the adapters whose tensors may receive gradients from this batch (None = all).
         Pass it when a batch mixes forward-only rows with training rows: otherwise backward writes a zero
         `.grad` into the forward-only adapters, and their next `optim_step` would decay their moments.
         """
-        rows: dict[str, list[int]] = {}
-        for b, aid in enumerate(adapter_ids_B):
-            if aid is not None:
-                self._get(aid)
-                rows.setdefault(aid, []).append(b)
-        if not rows:
+        slot_of: dict[str, int] = {}
+        adapters: list[Adapter] = []
+        slots: list[int] = []
+        for aid in adapter_ids_B:
+            if aid is None:
+                slots.append(-1)
+                continue
+            if aid not in slot_of:
+                ad = self._get(aid)
+                if train_ids is not None and aid not in train_ids:
+                    ad = ad.detached_view()
+                slot_of[aid] = len(adapters)
+                adapters.append(ad)
+            slots.append(slot_of[aid])
+        if not adapters:
             return None
-        groups: list[tuple[Adapter, torch.Tensor]] = []
-        for aid, r in rows.items():
-            ad = self._adapters[aid]
-            if train_ids is not None and aid not in train_ids:
-                ad = ad.detached_view()
-            groups.append((ad, torch.tensor(r, dtype=torch.long, device=self.device)))
-        return RoutedLora(groups, len(adapter_ids_B), self.device)
+        return GroupedLora(adapters, slots, self.device)
 
     # -- training ------------------------------------------------------------------------------------------
 
