@@ -9,7 +9,8 @@ from typing import Any
 
 from treadle.errors import UserError
 
-FAMILIES = ("llama", "qwen3", "qwen3_moe")
+FAMILIES = ("llama", "qwen3", "qwen3_moe", "qwen3_vl", "qwen3_vl_moe")
+VISION_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 
 
 @dataclasses.dataclass
@@ -39,6 +40,10 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
+    # vision-language (qwen3_vl*): interleaved multimodal RoPE sections (t, h, w) and the HF vision_config plus
+    # the image token ids; None for text-only models
+    mrope_section: tuple[int, ...] = ()
+    vision: dict[str, Any] | None = None
 
     def is_moe_layer(self, layer: int) -> bool:
         return (
@@ -50,6 +55,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         family = d.get("model_type", "")
+        if family in VISION_FAMILIES:
+            return cls._from_vl_dict(d)
         if family not in FAMILIES:
             raise UserError(
                 f"model config: model_type {family!r} is not supported; supported families: {', '.join(FAMILIES)}",
@@ -91,6 +98,27 @@ class ModelConfig:
             mlp_only_layers=tuple(d.get("mlp_only_layers", []) or []),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos_t,
+        )
+
+    @classmethod
+    def _from_vl_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Qwen3-VL: the text stack is Qwen3 (dense) or Qwen3-MoE under `text_config`; MRoPE and the vision tower
+        are described beside it."""
+        family = d["model_type"]
+        text = dict(d.get("text_config") or {})
+        text["model_type"] = "qwen3_moe" if family == "qwen3_vl_moe" else "qwen3"
+        text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
+        cfg = cls.from_hf_dict(text)
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        vision = dict(d.get("vision_config") or {})
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            vision[k] = d.get(k)
+        return dataclasses.replace(
+            cfg,
+            family=family,
+            rope_scaling=None,
+            mrope_section=tuple(rope.get("mrope_section") or (24, 20, 20)),
+            vision=vision,
         )
 
     @classmethod

@@ -19,6 +19,7 @@ from treadle.models.config import ModelConfig
 from treadle.models.embedded import DEFAULT_MODEL, embedded_model_dir, treadle_cache_dir
 from treadle.models.gguf import convert_gguf
 from treadle.models.hub_cache import find_snapshot, repo_folder
+from treadle.models.qwen3_vl import build_model
 from treadle.models.weights import load_state, read_safetensors
 
 DTYPES: dict[str, torch.dtype] = {
@@ -115,7 +116,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
     torch_dtype, torch_device = _check_dtype_device(dtype, device)
     path = resolve_model_dir(name_or_path)
     config = ModelConfig.from_file(path / "config.json")
-    model = CausalLM(config)
+    model = build_model(config)
     load_state(model, read_safetensors(path))
     # Only parameters change dtype: RoPE's inverse frequencies stay fp32 for position accuracy.
     for p in model.parameters():

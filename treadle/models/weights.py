@@ -46,6 +46,10 @@ def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state(model: CausalLM, tensors: dict[str, torch.Tensor]) -> None:
+    if model.config.vision is not None:
+        from treadle.models.qwen3_vl import hf_vl_state
+
+        tensors = hf_vl_state(tensors, model.config)
     state = fuse_experts(tensors)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
