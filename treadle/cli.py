@@ -14,7 +14,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Command groups that live beside the code they drive; each module has `register(subparsers)` and must
 # import nothing heavy at module level (so `treadle --help` stays fast).
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("treadle.rl.cli",)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--max-request-mb", type=float, default=None, help="largest request body accepted (default 256)"
+    )
+    s.add_argument(
+        "--trace-keep", type=int, default=None, help="deployment traces kept per deployment (default: all)"
+    )
+    s.add_argument(
+        "--trace-max-age-days",
+        type=float,
+        default=None,
+        help="delete deployment traces older than this (default: keep)",
     )
     s.set_defaults(func=_serve)
 

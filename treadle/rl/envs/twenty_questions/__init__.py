@@ -1,0 +1,1 @@
+"""20 Questions with an exact attribute oracle and information-gain rewards."""
