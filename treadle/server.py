@@ -145,6 +145,7 @@ def build_app(config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="treadle", lifespan=lifespan)
     app.state.service = service
+    app.state.max_request_bytes = config.max_request_bytes  # also bounds a decompressed body
     install_error_handlers(app)
 
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)

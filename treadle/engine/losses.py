@@ -35,7 +35,7 @@ _CLIP_INPUTS = ("clip_low_threshold", "clip_high_threshold")
 @dataclasses.dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, differentiable, sum-reduced over this datum
-    elementwise_loss: torch.Tensor  # detached, same shape as target_tokens
+    elementwise_loss: torch.Tensor | None  # detached, same shape as target_tokens; None for a custom loss
     metrics: dict[str, float]  # per-datum, every key "name:reduction"; merged across datums by merge_metrics
 
 

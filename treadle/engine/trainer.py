@@ -53,7 +53,10 @@ def validate_request(req: ForwardBackwardRequest, bank: AdapterBank, vocab_size:
                 field="model_input",
             )
         try:
-            losses.validate(req.loss_fn, d.loss_fn_inputs, req.loss_fn_config, n, vocab_size)
+            if req.custom_loss is not None:
+                req.custom_loss.validate(d.loss_fn_inputs, n, vocab_size)
+            else:
+                losses.validate(req.loss_fn, d.loss_fn_inputs, req.loss_fn_config, n, vocab_size)
         except UserError as e:
             raise UserError(f"data[{i}]: {e.message}", field=e.field) from None
 
@@ -113,7 +116,10 @@ def _run_microbatch(
             req = requests[r.request]
             n, targets = int(r.datum.tokens.numel()), row_inputs[b]["target_tokens"]
             lp = lp_B_T_K[b, :n, 0] if targets.dim() == 1 else lp_B_T_K[b, :n, : targets.shape[1]]
-            loss = losses.compute(req.loss_fn, lp, row_inputs[b], req.loss_fn_config)
+            if req.custom_loss is not None:
+                loss = req.custom_loss.compute(lp, row_inputs[b])
+            else:
+                loss = losses.compute(req.loss_fn, lp, row_inputs[b], req.loss_fn_config)
             out.append((r, lp.detach(), loss))
             if not r.forward_only:
                 total = loss.loss if total is None else total + loss.loss
@@ -153,10 +159,13 @@ def forward_backward(
         done = [per_datum[(i, j)] for j in range(len(req.data))]
         results[i] = ForwardBackwardResult(
             loss_fn_outputs=[
-                {
-                    "logprobs": lp.float().cpu(),
-                    "elementwise_loss": loss.elementwise_loss.detach().float().cpu(),
-                }
+                {"logprobs": lp.float().cpu()}
+                # a custom loss is one scalar per datum: it has no per-token elementwise_loss
+                | (
+                    {}
+                    if loss.elementwise_loss is None
+                    else {"elementwise_loss": loss.elementwise_loss.float().cpu()}
+                )
                 for lp, loss in done
             ],
             metrics=losses.merge_metrics([loss for _, loss in done]),

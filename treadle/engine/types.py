@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from treadle.errors import UserError, require
+
+if TYPE_CHECKING:
+    from treadle.engine.custom_loss import CustomLoss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,8 @@ class ForwardBackwardRequest:
     loss_fn: str
     loss_fn_config: dict[str, float] = dataclasses.field(default_factory=dict)
     forward_only: bool = False
+    # loss_fn "custom": the uploaded loss the service resolved from loss_fn_config's loss_id
+    custom_loss: CustomLoss | None = None
 
 
 @dataclasses.dataclass

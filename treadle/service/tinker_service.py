@@ -14,6 +14,7 @@ from typing import Any
 from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig, SampleRequest
 from treadle.service.auth import Authenticator
 from treadle.service.checkpoints import Checkpoints
+from treadle.service.custom_losses import CustomLosses
 from treadle.service.futures import Outcome
 from treadle.service.paths import CheckpointRef
 from treadle.service.sampling import Sampling
@@ -54,6 +55,7 @@ class TinkerService:
         self._weights = Weights(state)
         self._sampling = Sampling(state)
         self._checkpoints = Checkpoints(state)
+        self._custom_losses = CustomLosses(state)
         recovered = self.hub.recover()
         if recovered:
             log.warning("%d requests were in flight when the server last stopped; they now fail", recovered)
@@ -98,8 +100,23 @@ class TinkerService:
     def get_info(self, owner: str, model_id: str) -> dict[str, Any]:
         return self._training.get_info(owner, model_id)
 
-    def forward_backward(self, owner: str, model_id: str, seq_id: int, req: ForwardBackwardRequest) -> str:
+    def forward_backward(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int,
+        req: ForwardBackwardRequest,
+        custom_config: dict[str, float | str] | None = None,
+    ) -> str:
+        """`custom_config`: loss_fn 'custom''s config (its loss_id), resolved here to the session's uploaded loss."""
+        if req.loss_fn == "custom":
+            req.custom_loss = self._custom_losses.resolve(owner, model_id, custom_config or {})
         return self._training.forward_backward(owner, model_id, seq_id, req)
+
+    def create_custom_loss(
+        self, owner: str, session_id: str, seq_id: int, name: object, inputs: object, graph: object
+    ) -> str:
+        return self._custom_losses.create(owner, session_id, seq_id, name, inputs, graph)
 
     def skip_seq(self, owner: str, model_id: object, seq_id: object) -> None:
         """A request for (model_id, seq_id) was refused before it was queued: keep the model's order moving."""

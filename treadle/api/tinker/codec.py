@@ -11,10 +11,12 @@ import torch
 from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
+from treadle.api.tinker.images import dmel_refused, image_from_proto
 from treadle.engine.types import (
     Datum,
     ForwardBackwardRequest,
     ForwardBackwardResult,
+    ImageInput,
     SampleRequest,
     SampleResult,
     SamplingParams,
@@ -50,9 +52,22 @@ def forward_backward_from_message(msg: pb.ForwardBackwardRequest) -> tuple[str, 
     for k, v in msg.loss_fn_config_v2.items():
         if v.WhichOneof("value") == "number":
             config[k] = float(v.number)
+        elif msg.loss_fn != "custom":
+            raise UserError(
+                f"loss_fn_config.{k}: {msg.loss_fn} options are numbers; only loss_fn 'custom' takes text (loss_id)",
+                field=f"loss_fn_config.{k}",
+            )
     data = [_datum(d, i) for i, d in enumerate(msg.data)]
     req = ForwardBackwardRequest(msg.model_id, data, msg.loss_fn, config, forward_only=msg.forward_only)
     return msg.model_id, int(msg.seq_id), req
+
+
+def custom_loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str]:
+    """loss_fn 'custom''s config with its text values (the loss_id), which the numeric config leaves out."""
+    out: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
+    for k, v in msg.loss_fn_config_v2.items():
+        out[k] = v.text if v.WhichOneof("value") == "text" else float(v.number)
+    return out
 
 
 def require_text(value: str, field: str) -> None:
@@ -62,11 +77,18 @@ def require_text(value: str, field: str) -> None:
 
 def _datum(d: pb.Datum, i: int) -> Datum:
     parts: list[np.ndarray] = []
-    for chunk in d.model_input:
+    images: list[ImageInput] = []
+    n_text = 0
+    for j, chunk in enumerate(d.model_input):
         kind = chunk.WhichOneof("chunk")
+        if kind == "image":  # expanded by the engine, which knows the model's image processor
+            images.append(image_from_proto(chunk.image, n_text, f"data[{i}].model_input[{j}]"))
+            continue
+        if kind == "dmel":
+            raise dmel_refused(f"data[{i}].model_input[{j}]")
         if kind != "encoded_text":
             raise UserError(
-                f"data[{i}].model_input: only encoded_text chunks are supported by this server, got {kind}",
+                f"data[{i}].model_input[{j}]: chunk type {kind!r} is not one of encoded_text, image",
                 field=f"data[{i}].model_input",
             )
         if len(chunk.encoded_text.tokens) % 4:
@@ -75,9 +97,10 @@ def _datum(d: pb.Datum, i: int) -> Datum:
                 field=f"data[{i}].model_input",
             )
         parts.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4"))
+        n_text += len(parts[-1])
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     inputs = {name: _tensor(t, f"data[{i}].loss_fn_inputs.{name}") for name, t in d.loss_fn_inputs.items()}
-    return Datum(torch.from_numpy(tokens.astype(np.int64)), inputs)
+    return Datum(torch.from_numpy(tokens.astype(np.int64)), inputs, images=images)
 
 
 def _tensor(t: pb.Tensor, field: str) -> torch.Tensor:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from treadle.api.tinker.routes import checkpoints, futures, sampling, sessions, training, weights
+from treadle.api.tinker.routes import (
+    checkpoints,
+    custom_losses,
+    futures,
+    sampling,
+    sessions,
+    training,
+    weights,
+)
 from treadle.api.tinker.routes.wire import PREFIX
 from treadle.service.tinker_service import TinkerService
 
@@ -14,6 +22,6 @@ def make_router(service: TinkerService) -> APIRouter:
     # FastAPI matches each included router as one more level on every request (+20% dispatch time measured).
     # FastAPI tries routes in order: the per-op routes (futures, training, sampling) go first.
     r = APIRouter(prefix=PREFIX)
-    for concern in (futures, training, sampling, sessions, weights, checkpoints):
+    for concern in (futures, training, sampling, sessions, weights, checkpoints, custom_losses):
         concern.add_routes(r, service)
     return r

@@ -18,7 +18,14 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     async def client_config(request: Request) -> dict[str, Any]:
         owner(service, request)
         # Plain httpx instead of pyqwest: simpler over plain HTTP and the SDK's own default for config.
-        return {"use_pyqwest_transport": False, "proto_compress_fwdbwd": False, "pjwt_auth_enabled": False}
+        # zstd forward_backward bodies and server-side custom losses are both served (api/content_encoding,
+        # service/custom_losses).
+        return {
+            "use_pyqwest_transport": False,
+            "proto_compress_fwdbwd": True,
+            "custom_loss_server_side": True,
+            "pjwt_auth_enabled": False,
+        }
 
     @r.post("/client/dynamic_config")
     async def dynamic_config(request: Request) -> dict[str, Any]:

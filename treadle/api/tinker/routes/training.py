@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from treadle.api.content_encoding import decode_body
 from treadle.api.tinker import codec
 from treadle.api.tinker.routes.wire import Fields, counted, fields, future, owner
 from treadle.engine.types import AdamParams, LoraConfig
@@ -51,21 +52,20 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/forward_backward")
     async def forward_backward(request: Request) -> dict[str, Any]:
         who = owner(service, request)
-        if request.headers.get("content-encoding", "identity") not in ("identity", ""):
-            raise UserError(
-                "Content-Encoding: compressed forward_backward bodies are not enabled on this server",
-                field="Content-Encoding",
-            )
         ctype = request.headers.get("content-type", "")
         if "protobuf" not in ctype:
             raise UserError(
                 f"Content-Type: forward_backward takes application/x-protobuf, got {ctype!r}",
                 field="Content-Type",
             )
-        msg = codec.parse_forward_backward(await request.body())
+        body = decode_body(
+            await request.body(), request.headers.get("content-encoding"), request.app.state.max_request_bytes
+        )
+        msg = codec.parse_forward_backward(body)
         with counted(service, who, msg.model_id, int(msg.seq_id)):
             mid, seq_id, req = codec.forward_backward_from_message(msg)
-            return future(service.forward_backward(who, mid, seq_id, req), mid)
+            custom = codec.custom_loss_config(msg) if req.loss_fn == "custom" else None
+            return future(service.forward_backward(who, mid, seq_id, req, custom), mid)
 
     @r.post("/optim_step")
     async def optim_step(request: Request) -> dict[str, Any]:
