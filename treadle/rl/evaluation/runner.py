@@ -77,13 +77,14 @@ def _trials_of_group(group: TrajectoryGroup, threshold: float) -> list[Trial]:
 
 
 async def _one_group(
-    builder: EnvGroupBuilder, policy: TokenCompleter, threshold: float, sem: asyncio.Semaphore
+    builder: EnvGroupBuilder, policy: TokenCompleter, threshold: float, size: int, sem: asyncio.Semaphore
 ) -> list[Trial]:
     async with sem:
         try:
             group = await do_group_rollout(builder, policy)
-        except Exception as e:  # noqa: BLE001 - any failure of one rollout is that trial's failure
-            return [Trial(reward=0.0, success=False, stop_reason="error", error=f"{type(e).__name__}: {e}")]
+        except Exception as e:  # noqa: BLE001 - a failed rollout is a failed trial, never a failed evaluation
+            failed = Trial(reward=0.0, success=False, stop_reason="error", error=f"{type(e).__name__}: {e}")
+            return [failed] * size
     return _trials_of_group(group, threshold)
 
 
@@ -118,14 +119,16 @@ async def run_trials(
     sem = asyncio.Semaphore(max(1, concurrency))
 
     async def task(builder: EnvGroupBuilder) -> list[Trial]:
-        calls = math.ceil(trials / await _group_size(builder))
+        size = await _group_size(builder)
+        calls = math.ceil(trials / size)
         parts = await asyncio.gather(
-            *[_one_group(builder, policy, reward_threshold, sem) for _ in range(calls)]
+            *[_one_group(builder, policy, reward_threshold, size, sem) for _ in range(calls)]
         )
         flat = [t for part in parts for t in part]
-        # A group that failed as a whole yields one failed trial; pad so every task has exactly `trials`.
-        while len(flat) < trials:
-            flat.append(Trial(reward=0.0, success=False, stop_reason="error", error="group rollout failed"))
+        if len(flat) < trials:  # a builder that made fewer envs than it announced
+            raise RuntimeError(
+                f"task builder {type(builder).__name__} produced {len(flat)} of {trials} trials"
+            )
         return flat[:trials]
 
     results = await asyncio.gather(*[task(b) for b in builders])
