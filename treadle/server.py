@@ -45,6 +45,8 @@ class ServerConfig:
     max_request_bytes: int = 256 * 1024 * 1024
     max_lora_rank: int = 128
     ephemeral_samplers: int = 4  # in-memory sampler snapshots kept per training run
+    trace_keep: int | None = None  # deployment traces kept per deployment (newest); None = all
+    trace_max_age_s: float | None = None  # deployment traces older than this are deleted; None = never
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> ServerConfig:
@@ -72,6 +74,13 @@ class ServerConfig:
                 f"must be ≥ 1, got {args.ephemeral_samplers}",
             )
             cfg.ephemeral_samplers = args.ephemeral_samplers
+        if getattr(args, "trace_keep", None) is not None:
+            require(args.trace_keep >= 1, "--trace-keep", f"must be ≥ 1, got {args.trace_keep}")
+            cfg.trace_keep = args.trace_keep
+        if getattr(args, "trace_max_age_days", None) is not None:
+            days = args.trace_max_age_days
+            require(days > 0, "--trace-max-age-days", f"must be > 0, got {days}")
+            cfg.trace_max_age_s = days * 86400.0
         return cfg
 
     def model_names(self) -> list[str]:
@@ -134,9 +143,11 @@ def build_app(config: ServerConfig) -> FastAPI:
 
     service = build_service(config)
 
+    deployments = _deployments(service, config)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_sweeper(service, config.sweep_interval_s))
+        task = asyncio.create_task(_sweeper(service, config.sweep_interval_s, deployments))
         try:
             yield
         finally:
@@ -151,22 +162,35 @@ def build_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
 
     app.include_router(make_router(service))
-    _mount_openai(app, service)
+    _mount_openai(app, service, deployments)
     return app
 
 
-def _mount_openai(app: FastAPI, service: Any) -> None:
+def _deployments(service: Any, cfg: ServerConfig) -> Any:
+    """Deployments, traces and feedback (`treadle.service.deployments`), with their routes' dependencies."""
+    from treadle.service.deployments import Deployments
+    from treadle.service.traces import Retention, Traces
+    from treadle.store.traces import TraceStore
+
+    store = TraceStore(service.store)
+    return Deployments(service, store, Traces(store, Retention(cfg.trace_keep, cfg.trace_max_age_s)))
+
+
+def _mount_openai(app: FastAPI, service: Any, deployments: Any) -> None:
+    from treadle.api.deployments import make_router as deployments_router
+
+    app.include_router(deployments_router(deployments))
     try:
         from treadle.api.openai import make_router as openai_router
     except ImportError:  # the OpenAI front end is optional; the Tinker API works without it
         return
     from treadle.service.openai_backend import ServiceOpenAIBackend
 
-    app.include_router(openai_router(ServiceOpenAIBackend(service)))
+    app.include_router(openai_router(ServiceOpenAIBackend(service), deployments))
 
 
-async def _sweeper(service: Any, interval_s: float) -> None:
-    """Enforce session timeouts and checkpoint TTLs in the background."""
+async def _sweeper(service: Any, interval_s: float, deployments: Any = None) -> None:
+    """Enforce session timeouts, checkpoint TTLs and trace retention in the background."""
     while True:
         await asyncio.sleep(interval_s)
         try:
@@ -174,6 +198,10 @@ async def _sweeper(service: Any, interval_s: float) -> None:
             if expired:
                 log.info("expired %d silent session(s)", len(expired))
             service.sweep_expired_checkpoints()
+            if deployments is not None:
+                pruned = await asyncio.to_thread(deployments.traces.prune)
+                if pruned:
+                    log.info("trace retention: deleted %d trace(s)", pruned)
         except Exception:
             log.exception("sweeper failed")
 

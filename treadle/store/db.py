@@ -185,6 +185,15 @@ class MetadataStore:
     def close(self) -> None:
         self._engine.dispose()
 
+    @property
+    def engine(self) -> sa.Engine:
+        """For stores of other concerns (e.g. `treadle.store.traces`) that share this DB and its writer lock."""
+        return self._engine
+
+    @property
+    def write_lock(self) -> threading.Lock:
+        return self._write_lock
+
     def _write(self, stmt: Any) -> int:
         with self._write_lock, self._engine.begin() as conn:
             return conn.execute(stmt).rowcount

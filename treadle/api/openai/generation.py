@@ -15,6 +15,7 @@ from treadle.errors import UserError
 
 if TYPE_CHECKING:
     from treadle.engine.engine import Engine
+    from treadle.engine.sampler import TokenCallback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Choice:
     top_logprobs: list[list[tuple[int, float]]] | None
     finish_reason: Literal["stop", "length"]
     num_generated: int  # tokens the sampler produced, for `usage`
+    # Every token the sampler drew and its logprob, stop token included (deployment traces record these).
+    sampled_tokens: list[int] = dataclasses.field(default_factory=list)
+    sampled_logprobs: list[float] = dataclasses.field(default_factory=list)
 
 
 def sampling_params(spec: GenerationSpec, max_context: int) -> SamplingParams:
@@ -107,7 +111,7 @@ def finish_sequence(tokenizer: Any, seq: SampledSequence, spec: GenerationSpec) 
         ends = [min(e, cut) for e in ends[:keep]]
         if ends:
             ends[-1] = len(text)
-    return Choice(text, ids, ends, lps, None, finish, len(seq.tokens))
+    return Choice(text, ids, ends, lps, None, finish, len(seq.tokens), list(seq.tokens), list(seq.logprobs))
 
 
 async def _top_logprobs(
@@ -132,10 +136,12 @@ async def _top_logprobs(
     return [list(topk[len(prompt) + j]) for j in range(len(choice.token_ids))]
 
 
-async def generate(engine: Engine, adapter_id: str | None, spec: GenerationSpec) -> list[Choice]:
+async def generate(
+    engine: Engine, adapter_id: str | None, spec: GenerationSpec, on_token: TokenCallback | None = None
+) -> list[Choice]:
     params = sampling_params(spec, engine.info.max_context_length)
     req = SampleRequest(adapter_id, list(spec.prompt), params, num_samples=spec.n)
-    result: SampleResult = await asyncio.wrap_future(engine.sample(req))
+    result: SampleResult = await asyncio.wrap_future(engine.sample(req, on_token))
     # Detokenizing is CPU work: keep it off the event loop that also serves the Tinker API.
     choices = await asyncio.to_thread(
         lambda: [finish_sequence(engine.tokenizer, seq, spec) for seq in result.sequences]

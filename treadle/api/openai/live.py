@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +135,8 @@ class LiveGeneration:
         self._pending: list[_Pending] = []
         self.prompt_tokens = sum(len(s.prompt) for s in specs)
         self.completion_tokens = 0
+        self.finals: dict[int, Choice] = {}  # choice index → its finished reply (deployment traces read it)
+        self.first_token_at: float | None = None  # time.perf_counter() of the first token
         first = 0
         try:
             for k, spec in enumerate(specs):
@@ -184,6 +187,8 @@ class LiveGeneration:
                     yield d
                 continue
             k, i, token, logprob = item
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
             p = self._pending[k]
             inc = texts.get((k, i))
             if inc is None:
@@ -209,6 +214,7 @@ class LiveGeneration:
         finals = await asyncio.to_thread(lambda: [finish_sequence(tok, s, p.spec) for s in result.sequences])
         for i, c in enumerate(finals):
             self.completion_tokens += c.num_generated
+            self.finals[p.first_index + i] = c
             inc = texts.get((k, i))
             sent, attached = (inc.text[: inc.released], inc.attached) if inc is not None else ("", 0)
             # Incremental decoding agrees with whole-sequence decoding for the tokenizers we serve; the finished

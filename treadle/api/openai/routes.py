@@ -37,10 +37,12 @@ from treadle.api.openai.streaming import (
     live_sse_response,
     sse_response,
 )
+from treadle.api.openai.tracing import Clock, DeploymentGateway, records, tag, then
 from treadle.errors import NotFoundError, TreadleError, UserError
 
 if TYPE_CHECKING:
     from treadle.engine.engine import Engine
+    from treadle.service.deployments import DeploymentTarget
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,23 @@ def _resolve(backend: OpenAIBackend, model: str, owner: str) -> tuple[Engine, st
         ) from None
 
 
+def _resolve_any(
+    backend: OpenAIBackend, deployments: DeploymentGateway | None, model: str, owner: str
+) -> tuple[Engine, str | None, DeploymentTarget | None]:
+    """A served base model, one of the caller's deployments (its live version, fixed for this request), or a
+    checkpoint path; an unknown name is a 404 listing the served models and the caller's deployments."""
+    if deployments is None or model in backend.served_models(owner):
+        return (*_resolve(backend, model, owner), None)
+    target = deployments.lookup(model, owner)
+    if target is not None:
+        return target.engine, target.adapter_id, target
+    try:
+        return (*_resolve(backend, model, owner), None)
+    except NotFoundError as e:
+        mine = ", ".join(deployments.names(owner)) or "none"
+        raise NotFoundError(f"{e.message}; your deployments: {mine}", field="model") from None
+
+
 def _head(prefix: str, obj: str, model: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": model}
 
@@ -84,12 +103,16 @@ def _stop_ids(engine: Engine, *, chat: bool) -> list[int]:
     return ids + [t for t in engine.info.eos_token_ids if t not in ids]
 
 
-async def chat_completions(backend: OpenAIBackend, request: Request) -> Response:
+async def chat_completions(
+    backend: OpenAIBackend, request: Request, deployments: DeploymentGateway | None = None
+) -> Response:
+    clock = Clock()
     owner = backend.authenticate(request.headers.get("authorization"))
-    req = parse_request(ChatCompletionRequest, await _json_body(request))
+    raw = await _json_body(request)
+    req = parse_request(ChatCompletionRequest, raw)
     if req.top_logprobs and not req.logprobs:
         raise UserError("top_logprobs: requires logprobs: true", field="top_logprobs")
-    engine, adapter_id = _resolve(backend, req.model, owner)
+    engine, adapter_id, target = _resolve_any(backend, deployments, req.model, owner)
     # tool_choice "none" means the model must answer in prose: don't offer the tools at all.
     tools = req.tools if req.tool_choice != "none" else None
     spec = GenerationSpec(
@@ -111,34 +134,65 @@ async def chat_completions(backend: OpenAIBackend, request: Request) -> Response
     if req.stream and not names and spec.top_logprobs == 0:
         head = _head("chatcmpl", "chat.completion.chunk", req.model)
         live = LiveGeneration(engine, adapter_id, [spec])  # submits now: bad input is a 4xx, not a stream
+        clock.mark_submitted()
         chunks = live_chat_chunks(
             head, engine.tokenizer, live, logprobs=req.logprobs, include_usage=want_usage
         )
-        return live_sse_response(live, chunks)
-    choices = await generate(engine, adapter_id, spec)
+        if deployments is not None and target is not None:
+            chunks = then(
+                chunks, _live_recorder(deployments, target, head["id"], "chat", raw, [spec], live, clock)
+            )
+        return tag(live_sse_response(live, chunks), target)
+    clock.mark_submitted()
+    choices = await generate(engine, adapter_id, spec, clock.on_token if target is not None else None)
     calls = [parse_tool_calls(c.text, names) for c in choices]
     if not req.parallel_tool_calls:
         calls = [(content, found[:1]) for content, found in calls]
     head = _head("chatcmpl", "chat.completion", req.model)
     use = usage(len(spec.prompt), choices)
+    if deployments is not None and target is not None:
+        found = dict(enumerate(choices))
+        await deployments.record(target, records(head["id"], "chat", raw, [spec], found, clock))
     if req.stream:
         head["object"] = "chat.completion.chunk"
-        return sse_response(
-            chat_chunks(
-                head,
-                engine.tokenizer,
-                choices,
-                calls,
-                logprobs=req.logprobs,
-                usage=use if want_usage else None,
-            )
+        return tag(
+            sse_response(
+                chat_chunks(
+                    head,
+                    engine.tokenizer,
+                    choices,
+                    calls,
+                    logprobs=req.logprobs,
+                    usage=use if want_usage else None,
+                )
+            ),
+            target,
         )
     body = {
         **head,
         "choices": [chat_choice(engine, i, c, calls[i], req.logprobs) for i, c in enumerate(choices)],
         "usage": use,
     }
-    return JSONResponse(body)
+    return tag(JSONResponse(body), target)
+
+
+def _live_recorder(
+    deployments: DeploymentGateway,
+    target: DeploymentTarget,
+    completion_id: str,
+    endpoint: str,
+    raw: dict[str, Any],
+    specs: list[GenerationSpec],
+    live: LiveGeneration,
+    clock: Clock,
+) -> Callable[[], Awaitable[None]]:
+    """Store a live stream's traces once every choice has finished, before `[DONE]` goes out."""
+
+    async def record() -> None:
+        clock.first_token = live.first_token_at
+        await deployments.record(target, records(completion_id, endpoint, raw, specs, live.finals, clock))
+
+    return record
 
 
 def chat_choice(engine: Engine, i: int, c: Choice, call: tuple[str | None, list[Any]], logprobs: bool):
@@ -175,10 +229,14 @@ def _completion_prompts(
     return out
 
 
-async def completions(backend: OpenAIBackend, request: Request) -> Response:
+async def completions(
+    backend: OpenAIBackend, request: Request, deployments: DeploymentGateway | None = None
+) -> Response:
+    clock = Clock()
     owner = backend.authenticate(request.headers.get("authorization"))
-    req = parse_request(CompletionRequest, await _json_body(request))
-    engine, adapter_id = _resolve(backend, req.model, owner)
+    raw = await _json_body(request)
+    req = parse_request(CompletionRequest, raw)
+    engine, adapter_id, target = _resolve_any(backend, deployments, req.model, owner)
     vocab = engine.info.vocab_size
     prompts = _completion_prompts(req.prompt, engine.tokenizer)
     for ids in prompts:
@@ -206,20 +264,34 @@ async def completions(backend: OpenAIBackend, request: Request) -> Response:
     ):  # logprobs > 0 asks for top-k alternatives: those need the whole reply
         head = _head("cmpl", "text_completion", req.model)
         live = LiveGeneration(engine, adapter_id, specs)
+        clock.mark_submitted()
         chunks = live_completion_chunks(
             head, engine.tokenizer, live, logprobs=want_lp, include_usage=want_usage
         )
-        return live_sse_response(live, chunks)
+        if deployments is not None and target is not None:
+            chunks = then(
+                chunks,
+                _live_recorder(deployments, target, head["id"], "completions", raw, specs, live, clock),
+            )
+        return tag(live_sse_response(live, chunks), target)
     # All prompts go to the sampler at once so they are decoded in the same continuous batch.
-    per_prompt = await asyncio.gather(*(generate(engine, adapter_id, s) for s in specs))
+    clock.mark_submitted()
+    on_token = clock.on_token if target is not None else None
+    per_prompt = await asyncio.gather(*(generate(engine, adapter_id, s, on_token) for s in specs))
     choices = [c for cs in per_prompt for c in cs]
     head = _head("cmpl", "text_completion", req.model)
     use = usage(sum(len(p) for p in prompts), choices)
+    if deployments is not None and target is not None:
+        found = dict(enumerate(choices))
+        await deployments.record(target, records(head["id"], "completions", raw, specs, found, clock))
     if req.stream:
-        return sse_response(
-            completion_chunks(
-                head, engine.tokenizer, choices, logprobs=want_lp, usage=use if want_usage else None
-            )
+        return tag(
+            sse_response(
+                completion_chunks(
+                    head, engine.tokenizer, choices, logprobs=want_lp, usage=use if want_usage else None
+                )
+            ),
+            target,
         )
     body = {
         **head,
@@ -234,15 +306,16 @@ async def completions(backend: OpenAIBackend, request: Request) -> Response:
         ],
         "usage": use,
     }
-    return JSONResponse(body)
+    return tag(JSONResponse(body), target)
 
 
-def _model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "treadle"}
+def _model_card(name: str, owned_by: str = "treadle") -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owned_by}
 
 
-def make_router(backend: OpenAIBackend) -> APIRouter:
-    """The `/v1` router; mount it on the same app as the Tinker API (`app.include_router(make_router(b))`)."""
+def make_router(backend: OpenAIBackend, deployments: DeploymentGateway | None = None) -> APIRouter:
+    """The `/v1` router; mount it on the same app as the Tinker API (`app.include_router(make_router(b))`).
+    With `deployments`, `model` may also name one of the caller's deployments (served and traced)."""
     router = APIRouter(prefix="/v1", tags=["openai"])
 
     @router.get("/models")
@@ -250,6 +323,9 @@ def make_router(backend: OpenAIBackend) -> APIRouter:
         async def handler() -> Response:
             owner = backend.authenticate(request.headers.get("authorization"))
             data = [_model_card(m) for m in backend.served_models(owner)]
+            if deployments is not None:
+                names = await asyncio.to_thread(deployments.names, owner)
+                data += [_model_card(m, "deployment") for m in names]
             return JSONResponse({"object": "list", "data": data})
 
         return await _guarded(handler)
@@ -258,17 +334,17 @@ def make_router(backend: OpenAIBackend) -> APIRouter:
     async def retrieve_model(model: str, request: Request) -> Response:
         async def handler() -> Response:
             owner = backend.authenticate(request.headers.get("authorization"))
-            _resolve(backend, model, owner)
-            return JSONResponse(_model_card(model))
+            _, _, target = _resolve_any(backend, deployments, model, owner)
+            return JSONResponse(_model_card(model, "deployment" if target is not None else "treadle"))
 
         return await _guarded(handler)
 
     @router.post("/chat/completions")
     async def chat(request: Request) -> Response:
-        return await _guarded(lambda: chat_completions(backend, request))
+        return await _guarded(lambda: chat_completions(backend, request, deployments))
 
     @router.post("/completions")
     async def complete(request: Request) -> Response:
-        return await _guarded(lambda: completions(backend, request))
+        return await _guarded(lambda: completions(backend, request, deployments))
 
     return router

@@ -78,6 +78,8 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the caller's own abuse tracking; carries no behaviour
+    # A conversation id; recorded with the trace when `model` is a deployment (treadle extension).
+    session_id: str | None = Field(default=None, max_length=500)
     # Accepted only at the value that means "off"; anything else is refused in `check_noop_fields`.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
