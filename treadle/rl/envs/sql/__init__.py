@@ -1,0 +1,1 @@
+"""Text-to-SQL with self-correction on generated SQLite databases, graded by execution match."""
