@@ -10,9 +10,10 @@ import torch
 
 from tests.small_models import load_small, write_small_checkpoint
 from treadle import ops
+from treadle.atomic import atomic_write_dir
 from treadle.engine.types import AdamParams, LoraConfig
 from treadle.errors import ConflictError, NotFoundError, UserError
-from treadle.lora import AdapterBank, atomic_write_dir
+from treadle.lora import AdapterBank
 from treadle.models import CausalLM
 
 

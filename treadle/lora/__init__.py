@@ -2,7 +2,6 @@
 
 from treadle.lora.adamw import adamw_step
 from treadle.lora.adapter import AdamState, Adapter, LoraPair, new_adapter
-from treadle.lora.atomic import atomic_write_dir
 from treadle.lora.bank import AdapterBank
 from treadle.lora.peft_io import read_adapter, write_adapter
 from treadle.lora.routing import RoutedLora
@@ -14,7 +13,6 @@ __all__ = [
     "LoraPair",
     "RoutedLora",
     "adamw_step",
-    "atomic_write_dir",
     "new_adapter",
     "read_adapter",
     "write_adapter",

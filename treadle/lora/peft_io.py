@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from treadle.atomic import atomic_write_dir
 from treadle.engine.types import LoraConfig
 from treadle.errors import UserError
 from treadle.lora.adapter import AdamState, Adapter, LoraPair
-from treadle.lora.atomic import atomic_write_dir
 from treadle.models.causal_lm import LoraTarget
 
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -8,20 +8,16 @@ vocabulary with the `tokenizers` library, the way the original `tokenizer.json` 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import shutil
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from treadle.atomic import build_once
 from treadle.errors import UserError
 from treadle.models.config import ModelConfig
 
@@ -209,53 +205,16 @@ def write_hf_directory(gguf_path: Path, directory: Path, *, weights: bool = True
         log(f"dequantized {len(tensors)} tensors in {time.monotonic() - t0:.0f} s")
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Inter-process lock so concurrent first uses convert once instead of racing on the same CPU."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for p in directory.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def build_directory_atomically(target: Path, fill: Callable[[Path], None], *, what: str) -> Path:
-    """Create `target` once: filled in a temp sibling, fsynced, renamed; a crash never leaves it half-written."""
-    if target.is_dir():
-        return target
-    with _lock(target.parent / f".{target.name}.lock"):
-        if target.is_dir():  # another process finished while we waited
-            return target
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        t0 = time.monotonic()
+    """Create `target` once, across processes (concurrent first uses convert once instead of racing on the
+    same CPU): filled in a temporary sibling, fsynced, renamed; a crash never leaves it half-written."""
+    t0 = time.monotonic()
+
+    def logged_fill(tmp: Path) -> None:
         log(f"preparing {what} (one time) → {target}")
-        try:
-            fill(tmp)
-            _fsync_tree(tmp)
-            os.rename(tmp, target)
-            fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        fill(tmp)
+
+    if build_once(target, logged_fill):
         log(f"{what} ready in {time.monotonic() - t0:.0f} s")
     return target
 

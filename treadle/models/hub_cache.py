@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
+
+from treadle.atomic import atomic_write_dir, atomic_write_text
 
 _OWNED = ".treadle-owned.json"  # lists the revisions treadle wrote; lives beside refs/, which the hub ignores
 _LINKED = {"model.safetensors"}  # large files are symlinked, the rest copied so they outlive a temp source
@@ -74,12 +75,6 @@ def _owned(repo: Path) -> list[str]:
         return []
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def register_snapshot(repo_id: str, directory: Path, hub_cache: Path | None = None) -> Path | None:
     """Expose `directory` as `repo_id`'s main snapshot; returns it, or None when a foreign snapshot is kept."""
     directory = directory.resolve()
@@ -95,23 +90,19 @@ def register_snapshot(repo_id: str, directory: Path, hub_cache: Path | None = No
             return repo / "snapshots" / rev  # rewriting would race with processes reading it right now
     snaps = repo / "snapshots"
     snaps.mkdir(parents=True, exist_ok=True)
-    tmp = snaps / f".tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    for f in directory.iterdir():
-        if not f.is_file() or f.name.startswith("."):
-            continue
-        if f.name in _LINKED:
-            (tmp / f.name).symlink_to(f)
-        else:
-            shutil.copy2(f, tmp / f.name)
     snap = snaps / rev
-    if snap.exists():
-        shutil.rmtree(snap)
-    os.rename(tmp, snap)
+    with atomic_write_dir(snap, overwrite=True) as tmp:
+        for f in directory.iterdir():
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            if f.name in _LINKED:
+                (tmp / f.name).symlink_to(f)
+            else:
+                shutil.copy2(f, tmp / f.name)
     _mark_missing(repo / ".no_exist" / rev, snap)
     ref.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(repo / _OWNED, json.dumps([rev]))
-    _atomic_write(ref, rev)
+    atomic_write_text(repo / _OWNED, json.dumps([rev]))
+    atomic_write_text(ref, rev)
     for old in owned:  # earlier treadle registrations (e.g. tokenizer-only) are superseded
         if old != rev:
             shutil.rmtree(snaps / old, ignore_errors=True)

@@ -9,9 +9,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from treadle.atomic import atomic_write_dir
 from treadle.errors import NotFoundError, UserError, require
 from treadle.service import paths, views
-from treadle.service.export import publish_dir
 from treadle.service.paths import CheckpointRef
 from treadle.service.state import ServiceState
 from treadle.store import RunRow, utcnow
@@ -137,9 +137,8 @@ class Checkpoints:
             )
         )
         target = s.blobs.path(dst.run_id, dst.kind, dst.name)
-        tmp = target.with_name(f".{dst.name}.tmp")
-        shutil.copytree(s.blobs.path(src.run_id, src.kind, src.name), tmp)
-        publish_dir(tmp, target)
+        with atomic_write_dir(target) as tmp:
+            shutil.copytree(s.blobs.path(src.run_id, src.kind, src.name), tmp, dirs_exist_ok=True)
         s.record_checkpoint(owner, dst, expires, {})
         return dst.path
 

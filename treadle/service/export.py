@@ -7,7 +7,6 @@ import base64
 import hashlib
 import hmac
 import os
-import shutil
 from pathlib import Path
 
 from treadle.errors import UserError
@@ -38,18 +37,6 @@ def encrypt_dir(plain_dir: Path, out_dir: Path, recipients: list[str]) -> None:
             dst.write_bytes(pyrage.encrypt(f.read_bytes(), parsed))  # type: ignore[arg-type]
 
 
-def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Atomic replace (invariant 5): a reader sees the old export or the new one, never half of one."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    if final_dir.exists():
-        old = final_dir.with_name(final_dir.name + f".old-{os.getpid()}")
-        final_dir.rename(old)
-        tmp_dir.rename(final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp_dir.rename(final_dir)
-
-
 class UrlSigner:
     """HMAC tokens over (relative path, expiry); the secret lives in the data dir so URLs survive restarts."""
 
@@ -66,6 +53,7 @@ class UrlSigner:
 
     def verify(self, rel_path: str, token: str, now: float) -> bool:
         exp_s, _, _ = token.partition(".")
-        if not exp_s.isdigit() or int(exp_s) < now:
+        # ASCII digits only, and few of them: str.isdigit() accepts '²', and int() refuses over 4300 digits.
+        if not (exp_s.isascii() and exp_s.isdigit() and len(exp_s) <= 12) or int(exp_s) < now:
             return False
         return hmac.compare_digest(self.sign(rel_path, int(exp_s)), token)

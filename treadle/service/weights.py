@@ -7,9 +7,10 @@ import shutil
 import uuid
 from typing import Any
 
+from treadle.atomic import publish_dir
 from treadle.errors import ConflictError, NotFoundError
 from treadle.service import paths
-from treadle.service.export import encrypt_dir, publish_dir
+from treadle.service.export import encrypt_dir
 from treadle.service.paths import CheckpointRef
 from treadle.service.state import LoadedModel, ServiceState
 from treadle.service.workers import Worker
