@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from treadle.engine.types import AdamParams
 from treadle.lora.adapter import AdamState
+from treadle.lora.config import AdamParams
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from treadle.engine.types import LoraConfig
+from treadle.lora.config import LoraConfig
 from treadle.models.causal_lm import LoraTarget
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from treadle.engine.types import AdamParams, LoraConfig
 from treadle.errors import NotFoundError, UserError
 from treadle.lora.adamw import adamw_step
 from treadle.lora.adapter import Adapter, new_adapter
+from treadle.lora.config import AdamParams, LoraConfig
 from treadle.lora.peft_io import read_adapter, write_adapter
 from treadle.lora.routing import GroupedLora
 from treadle.models.causal_lm import CausalLM

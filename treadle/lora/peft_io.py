@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from treadle.atomic import atomic_write_dir
-from treadle.engine.types import LoraConfig
 from treadle.errors import UserError
 from treadle.lora.adapter import AdamState, Adapter, LoraPair
+from treadle.lora.config import LoraConfig
 from treadle.models.causal_lm import LoraTarget
 
 WEIGHTS_FILE = "adapter_model.safetensors"
