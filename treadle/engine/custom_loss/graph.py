@@ -137,7 +137,7 @@ def _arg(v: Any, field: str, known: set[str], depth: int = 0) -> Any:
             raise _fail(field, f"a special float is 'inf', '-inf' or 'nan', got {x!r}")
         return float(x)
     if kind == "dtype":
-        if x not in allowed.DTYPES:
+        if not isinstance(x, str) or x not in allowed.DTYPES:
             raise _fail(field, f"dtype {x!r} is not allowed; allowed: {', '.join(allowed.DTYPES)}")
         return allowed.DTYPES[x]
     if kind in ("device", "layout", "memory_format"):
@@ -150,7 +150,12 @@ def _arg(v: Any, field: str, known: set[str], depth: int = 0) -> Any:
 def _check_call(op: str, target: str, args: tuple[Any, ...], field: str) -> None:
     if op == "call_function":
         if target in _GETATTR:
-            if len(args) != 2 or not isinstance(args[0], Ref) or args[1] not in allowed.ATTRIBUTES:
+            if (
+                len(args) != 2
+                or not isinstance(args[0], Ref)
+                or not isinstance(args[1], str)
+                or args[1] not in allowed.ATTRIBUTES
+            ):
                 raise _fail(
                     field,
                     f"attribute access getattr{args!r} is not allowed; a loss may read only "

@@ -93,6 +93,11 @@ class CustomLoss:
             )
             if t.is_floating_point():
                 require(bool(torch.isfinite(t).all()), field, "must contain only finite numbers")
+        # Run it once on this datum's shapes (stand-in logprobs, no grad), so a shape error fails this request
+        # here, before it shares a model pass with other requests.
+        stand_in = torch.full(tuple(targets.shape), -1.0)
+        with torch.no_grad():
+            self.compute(stand_in, {k: inputs[k] for k in self.input_names})
 
     def compute(self, logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> LossOutput:
         """One datum's loss (scalar, differentiable in `logprobs`) and metrics; inputs are assumed validated."""
