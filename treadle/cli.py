@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-request-mb", type=float, default=None, help="largest request body accepted (default 256)"
     )
     s.add_argument(
+        "--image-dir",
+        default=None,
+        help="directory whose files ImageAssetPointerChunk locations may name (default: none; no URLs ever)",
+    )
+    s.add_argument(
         "--trace-keep", type=int, default=None, help="deployment traces kept per deployment (default: all)"
     )
     s.add_argument(

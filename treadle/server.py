@@ -45,6 +45,7 @@ class ServerConfig:
     max_request_bytes: int = 256 * 1024 * 1024
     max_lora_rank: int = 128
     ephemeral_samplers: int = 4  # in-memory sampler snapshots kept per training run
+    image_dir: Path | None = None  # ImageAssetPointerChunk paths are read only under it; None = none read
     trace_keep: int | None = None  # deployment traces kept per deployment (newest); None = all
     trace_max_age_s: float | None = None  # deployment traces older than this are deleted; None = never
 
@@ -74,6 +75,9 @@ class ServerConfig:
                 f"must be ≥ 1, got {args.ephemeral_samplers}",
             )
             cfg.ephemeral_samplers = args.ephemeral_samplers
+        if getattr(args, "image_dir", None):
+            cfg.image_dir = Path(args.image_dir).expanduser().resolve()
+            require(cfg.image_dir.is_dir(), "--image-dir", f"{cfg.image_dir} is not a directory")
         if getattr(args, "trace_keep", None) is not None:
             require(args.trace_keep >= 1, "--trace-keep", f"must be ≥ 1, got {args.trace_keep}")
             cfg.trace_keep = args.trace_keep
@@ -134,6 +138,7 @@ def build_service(cfg: ServerConfig) -> Any:
         data_dir=cfg.data_dir,
         session_timeout_s=cfg.session_timeout_s,
         ephemeral_samplers_per_model=cfg.ephemeral_samplers,
+        image_dir=cfg.image_dir,
     )
     return TinkerService(scfg, store, WorkerPool(engines), auth, ProtoCodec())
 

@@ -29,7 +29,8 @@ from treadle.engine.types import (
     SampleRequest,
     SampleResult,
 )
-from treadle.errors import NotFoundError, TreadleError
+from treadle.engine.vision_input import ImageExpander
+from treadle.errors import NotFoundError, TreadleError, UserError
 from treadle.lora import AdapterBank
 from treadle.models.loader import LoadedModel, load_model
 
@@ -89,6 +90,7 @@ class Engine:
             vocab_size=cfg.vocab_size,
             eos_token_ids=_eos_ids(self.loaded),
         )
+        self.images = ImageExpander(self.model, self.loaded.path, model)
         self.bank = self.compute.call(AdapterBank, self.model, max_rank=max_lora_rank)
         self.sampler = Sampler(
             self.model,
@@ -126,18 +128,41 @@ class Engine:
             raise NotFoundError(f"path: no checkpoint directory at {directory}", field="path")
         return self.compute.call(self.bank.load, adapter_id, Path(directory), optimizer=optimizer)
 
+    # image inputs -------------------------------------------------------------------------------
+    def prepare_forward_backward(self, req: ForwardBackwardRequest) -> None:
+        """Expand the request's image chunks (decode, check, preprocess); a UserError names the bad chunk."""
+        for i, d in enumerate(req.data):
+            try:
+                self.images.datum(d)
+            except UserError as e:
+                if e.field and e.field.startswith("data["):
+                    raise
+                raise UserError(f"data[{i}].{e.message}", field=f"data[{i}].{e.field}") from None
+
+    def prepare_sample(self, req: SampleRequest) -> None:
+        self.images.sample(req)
+
     # training -----------------------------------------------------------------------------------
     def forward_backward(
         self, requests: list[ForwardBackwardRequest]
     ) -> list[ForwardBackwardResult | TreadleError]:
-        return self.compute.call(
-            trainer.forward_backward,
-            self.model,
-            self.bank,
-            requests,
-            vocab_size=self.info.vocab_size,
-            max_len=self.info.max_context_length,
+        errors: dict[int, TreadleError] = {}
+        for i, r in enumerate(requests):
+            try:
+                self.prepare_forward_backward(r)  # a no-op when the service prepared it already
+            except TreadleError as e:
+                errors[i] = e
+        done = iter(
+            self.compute.call(
+                trainer.forward_backward,
+                self.model,
+                self.bank,
+                [r for i, r in enumerate(requests) if i not in errors],
+                vocab_size=self.info.vocab_size,
+                max_len=self.info.max_context_length,
+            )
         )
+        return [errors[i] if i in errors else next(done) for i in range(len(requests))]
 
     def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
         params.validate()
@@ -151,6 +176,7 @@ class Engine:
         from the sampler thread, and cancelling the future stops generation (see `Sampler.submit`)."""
         if req.adapter_id is not None and req.adapter_id not in self.bank:
             raise NotFoundError(f"model: no adapter {req.adapter_id!r} is loaded", field="model")
+        self.prepare_sample(req)
         return self.sampler.submit(req, on_token)
 
     def generate(self, req: SampleRequest) -> SampleResult:

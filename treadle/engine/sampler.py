@@ -16,10 +16,12 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import math
 import secrets
+import sys
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -30,6 +32,7 @@ from treadle.engine.sampling import StopCriteria, make_generator, sample_tokens,
 from treadle.engine.types import SampledSequence, SampleRequest, SampleResult
 from treadle.errors import TreadleError, UserError, require
 from treadle.models import CausalLM, LoraHook
+from treadle.models.qwen3_vl import ImageSpan
 
 # (sample index, token id, logprob), called on the compute thread for every accepted token, stop token included.
 TokenCallback = Callable[[int, int, float], None]
@@ -155,6 +158,20 @@ class _PromptScores:
 class _Prefill:
     row: _Row
     start: int  # the first prompt position whose KV is not in the row's slot yet
+
+
+def _images(spans_B: list[list[ImageSpan]]) -> dict[str, Any]:
+    """The model's `images` argument when a row has images (only vision models take it)."""
+    return {"images": spans_B} if any(spans_B) else {}
+
+
+def _same_images_until(a: SampleRequest, b: SampleRequest) -> int:
+    """Prefix cache keyed on image content: two prompts' KV agree only up to their first differing image
+    (placeholder tokens are equal for every image, so the token comparison alone cannot tell)."""
+    for x, y in itertools.zip_longest(a.spans, b.spans):
+        if x is None or y is None or x.key != y.key or x.start != y.start:
+            return min(s.start for s in (x, y) if s is not None)
+    return sys.maxsize
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -384,7 +401,7 @@ class Sampler:
         for slot, info in self._slots.items():
             if info.owner.done or info.adapter_id != r.req.adapter_id:
                 continue
-            p = min(_common_prefix(info.tokens, prompt), limit)
+            p = min(_common_prefix(info.tokens, prompt), limit, _same_images_until(info.owner.req, r.req))
             if not info.ready:
                 best_pending = max(best_pending, p)
             elif p > best[1]:
@@ -458,7 +475,12 @@ class Sampler:
             step = self._cache.step([pending[b].row.slot for b in active], [pos[b] for b in active], lengths)
             hook = self._hook([pending[b].row.request.req.adapter_id for b in active])
             hidden_B_T_D = self.model(
-                tokens_B_T, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook, cache=step
+                tokens_B_T,
+                step.positions_B_T,
+                mask_B_T_S=step.mask_B_T_S,
+                lora=hook,
+                cache=step,
+                **_images([pending[b].row.request.req.spans for b in active]),
             )
             last_B = torch.tensor([n - 1 for n in lengths], device=self.device)
             rows_B = torch.arange(len(active), device=self.device)
@@ -513,7 +535,12 @@ class Sampler:
             if len(hook[1]) != len(rows):  # some rows' adapters are gone; they were failed
                 return
             hidden = self.model(
-                tokens_B_1, step.positions_B_T, mask_B_T_S=step.mask_B_T_S, lora=hook[0], cache=step
+                tokens_B_1,
+                step.positions_B_T,
+                mask_B_T_S=step.mask_B_T_S,
+                lora=hook[0],
+                cache=step,
+                **_images([row.request.req.spans for row in rows]),
             )
             logits_B_V = self.model.logits(hidden, hook[0])[:, -1]
         except Exception as e:  # noqa: BLE001 - a failed step fails its rows' requests, never hangs them

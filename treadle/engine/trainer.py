@@ -106,7 +106,10 @@ def _run_microbatch(
     hook = bank.hook([r.adapter_id for r in mb], train_ids=train_ids)
     out: list[tuple[_Row, torch.Tensor, losses.LossOutput]] = []
     with torch.set_grad_enabled(bool(train_ids)):
-        logprobs_B_T_V = model.logprobs(model(tokens_B_T, lora=hook), hook)
+        # image rows (vision models): the model fills each row's image placeholders with vision features
+        spans = [r.datum.spans for r in mb]
+        images = {"images": spans} if any(spans) else {}
+        logprobs_B_T_V = model.logprobs(model(tokens_B_T, lora=hook, **images), hook)
         row_inputs = [{k: v.to(device) for k, v in r.datum.loss_fn_inputs.items()} for r in mb]
         # One gather for the whole micro-batch: its backward is one scatter into (B, T, V) instead of
         # one full-size zero tensor per row.

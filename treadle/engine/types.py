@@ -9,11 +9,24 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from treadle.errors import UserError, require
+from treadle.models.qwen3_vl import ImageSpan
 from treadle.lora.config import AdamParams as AdamParams  # re-exported: engine callers import it from here
 from treadle.lora.config import LoraConfig as LoraConfig
 
 if TYPE_CHECKING:
     from treadle.engine.custom_loss import CustomLoss
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+    """An image chunk as received (`ImageChunk`): encoded bytes placed before text token `offset` of its input.
+    `Engine.prepare_*` turns it into image placeholder tokens plus an `ImageSpan` (see engine/vision_input.py)."""
+
+    offset: int
+    data: bytes
+    format: str  # "png" | "jpeg"
+    expected_tokens: int | None
+    field: str  # where it came from, for errors: "data[0].model_input[1]"
 
 
 @dataclasses.dataclass
@@ -23,6 +36,8 @@ class Datum:
 
     tokens: torch.Tensor  # (N,) int64
     loss_fn_inputs: dict[str, torch.Tensor]
+    images: list[ImageInput] = dataclasses.field(default_factory=list)  # not yet expanded into `tokens`
+    spans: list[ImageSpan] = dataclasses.field(default_factory=list)  # expanded images (placeholders in tokens)
 
 
 @dataclasses.dataclass
@@ -91,6 +106,8 @@ class SampleRequest:
     num_samples: int = 1
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    images: list[ImageInput] = dataclasses.field(default_factory=list)  # not yet expanded into `prompt`
+    spans: list[ImageSpan] = dataclasses.field(default_factory=list)  # expanded images (placeholders in prompt)
 
 
 @dataclasses.dataclass

@@ -116,6 +116,7 @@ class Sampling:
         s = self.s
         target = await self._sampler(owner, sampler_id)
         engine = target.worker.engine
+        engine.prepare_sample(req)  # image chunks → placeholder tokens (bad images: a 400 naming the chunk)
         self._validate_sample(req, engine.info.vocab_size, engine.info.max_context_length)
         req.adapter_id = target.adapter_id
         rid, new = s.hub.create(owner, "sample", f"sample:{sampler_id}:{seq_id}")

@@ -68,6 +68,7 @@ class Training:
         model = s.model(owner, model_id)
         require(isinstance(seq_id, int) and seq_id >= 1, "seq_id", f"must be an integer ≥ 1, got {seq_id!r}")
         req.adapter_id = model_id
+        model.worker.engine.prepare_forward_backward(req)  # bad images: a 400 now, not a failed future
         s.touch(model)
         return s.submit(
             owner,

@@ -4,13 +4,15 @@ and sampling params are checked here so that unsupported options fail with a nam
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from treadle.api.tinker import codec
+from treadle.api.tinker.images import dmel_refused, image_from_json
 from treadle.api.tinker.routes.wire import Fields, fields, future, owner
-from treadle.engine.types import SampleRequest, SamplingParams
+from treadle.engine.types import ImageInput, SampleRequest, SamplingParams
 from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
 
@@ -35,9 +37,11 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/asample")
     async def asample(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
+        prompt, images = _prompt(f, service.cfg.image_dir)
         req = SampleRequest(
             adapter_id=None,
-            prompt=_prompt_tokens(f),
+            prompt=prompt,
+            images=images,
             params=_sampling_params(f),
             num_samples=f.get("num_samples", int, 1),
             prompt_logprobs=f.get("prompt_logprobs", bool, False),
@@ -50,21 +54,28 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
         return future(rid, sample_sequence_ids=seq_ids)
 
 
-def _prompt_tokens(f: Fields) -> list[int]:
-    """The prompt's token ids: every chunk must be `encoded_text` (no images on this server)."""
+def _prompt(f: Fields, image_dir: Path | None) -> tuple[list[int], list[ImageInput]]:
+    """The prompt's text token ids and its image chunks (each placed before text token `offset`)."""
     prompt: list[int] = []
+    images: list[ImageInput] = []
     for i, chunk in enumerate(Fields(f.get("prompt", dict)).get("chunks", list)):
         c = Fields(chunk)
-        if c.get("type", str, "encoded_text") != "encoded_text":
+        kind = c.get("type", str, "encoded_text")
+        if kind in ("image", "image_asset_pointer"):
+            images.append(image_from_json(c.raw, len(prompt), f"prompt.chunks[{i}]", image_dir))
+            continue
+        if kind == "dmel":
+            raise dmel_refused(f"prompt.chunks[{i}]")
+        if kind != "encoded_text":
             raise UserError(
-                f"prompt.chunks[{i}].type: only encoded_text is supported, got {c.raw.get('type')!r}",
+                f"prompt.chunks[{i}].type: must be encoded_text, image or image_asset_pointer, got {kind!r}",
                 field=f"prompt.chunks[{i}].type",
             )
         toks = c.get("tokens", list)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
             raise UserError(f"prompt.chunks[{i}].tokens: must be a list of integers", field="prompt")
         prompt.extend(toks)
-    return prompt
+    return prompt, images
 
 
 def _sampling_params(f: Fields) -> SamplingParams:
