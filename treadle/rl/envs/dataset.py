@@ -6,6 +6,7 @@ its envs in `make_envs`, as the cookbook asks, so rollouts can also run in a pro
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from tinker_cookbook.rl.types import Env, EnvGroupBuilder, RLDataset, RLDatasetB
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
 from treadle.rl.envs.registry import get_env
+
+logger = logging.getLogger(__name__)
 
 # A turn that stops unparsed (no end-of-turn token) or runs past the context budget ends the episode with this
 # reward: the same as a wrong answer, so truncation is never a way to dodge a negative grade.
@@ -40,17 +43,30 @@ class TaskGroupBuilder(EnvGroupBuilder):
     async def make_envs(self) -> Sequence[Env]:
         spec = get_env(self.env_name)
         config = dict(self.config)
+        message_envs = [spec.make_env(self.task, config) for _ in range(self.group_size)]
+        # kept (outside the dataclass fields) so cleanup() can close episodes the cookbook ended early
+        object.__setattr__(self, "_made", [*getattr(self, "_made", []), *message_envs])
         return [
             EnvFromMessageEnv(
                 renderer=self.renderer,
-                message_env=spec.make_env(self.task, config),
+                message_env=message_env,
                 failed_parse_reward=FAILED_PARSE_REWARD,
                 context_overflow_reward=CONTEXT_OVERFLOW_REWARD,
                 max_trajectory_tokens=spec.limits.max_trajectory_tokens,
                 max_generation_tokens=spec.limits.max_tokens_per_turn,
             )
-            for _ in range(self.group_size)
+            for message_env in message_envs
         ]
+
+    async def cleanup(self) -> None:
+        for env in getattr(self, "_made", []):
+            close = getattr(env, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # noqa: BLE001 - the cookbook asks cleanup never to raise
+                    logger.exception("closing an env failed")
+        object.__setattr__(self, "_made", [])
 
     def logging_tags(self) -> list[str]:
         return [self.env_name, f"{self.env_name}/{self.split}"]

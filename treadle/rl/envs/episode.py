@@ -59,6 +59,10 @@ class TurnEnv(MessageEnv):
     async def respond(self, text: str) -> Turn:
         """Act on the assistant's text for this turn."""
 
+    async def close(self) -> None:
+        """Release what the episode holds (a sandbox); called when it ends and by the group's cleanup."""
+        return None
+
     async def step(self, message: Message) -> MessageStepResult:
         text = get_text_content(message)
         self.turns += 1
@@ -86,6 +90,7 @@ class TurnEnv(MessageEnv):
         self.total_reward += turn.reward
         metrics = dict(turn.metrics)
         if turn.done:
+            await self.close()
             self.stop_reason = turn.stop_reason
             metrics[f"{STOP_METRIC_PREFIX}{turn.stop_reason}"] = 1.0
             metrics["turns"] = float(self.turns)

@@ -12,6 +12,7 @@ from treadle.rl.envs.spec import EnvSpec
 
 # name -> module defining `SPEC`; imported on first use so `treadle envs list` stays light.
 _ENV_MODULES: dict[str, str] = {
+    "react_tools": "treadle.rl.envs.react_tools.env",
     "sql": "treadle.rl.envs.sql.env",
     "twenty_questions": "treadle.rl.envs.twenty_questions.env",
 }

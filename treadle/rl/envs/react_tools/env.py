@@ -1,0 +1,144 @@
+"""ReAct tool use: think, call a Python or calculator tool in the sandbox, read its output, answer.
+
+Turns: `<python>CODE</python>` runs CODE in the subprocess sandbox (its output or error is shown);
+`<calc>EXPR</calc>` prints EXPR evaluated by the same sandboxed Python; `Answer: N` ends the episode.
+Reward: 1 if N is exactly the answer, else 0. A malformed tool call (unclosed tag, empty code) is answered
+with what is wrong and costs the turn. Tool errors (exceptions, timeouts, refused escapes) are shown to the
+policy; a sandbox that cannot start ends the episode with stop reason `tool_error` and reward 0.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import chz
+from tinker_cookbook.rl.types import StopReason
+
+from treadle.rl.envs.dataset import TreadleEnvDatasetBuilder
+from treadle.rl.envs.episode import Turn, TurnEnv
+from treadle.rl.envs.react_tools.problems import WordProblem, make_problems
+from treadle.rl.envs.spec import ConfigKey, EnvLimits, EnvSpec
+from treadle.rl.sandbox.limits import SandboxLimits
+from treadle.rl.sandbox.subprocess_sandbox import SubprocessSandbox
+
+LIMITS = EnvLimits(
+    max_turns=6,
+    max_tokens_per_turn=128,
+    max_trajectory_tokens=4096,
+    max_tool_calls=4,
+    tool_timeout_s=5.0,
+    episode_timeout_s=120.0,
+)
+TOOL_OUTPUT_CHARS = 600
+
+SYSTEM_PROMPT = (
+    "Solve the word problem. You can use tools: <calc>EXPRESSION</calc> evaluates arithmetic, and "
+    "<python>CODE</python> runs Python and shows what it prints. When you know the result, reply "
+    "'Answer: NUMBER'."
+)
+_TOOL = re.compile(r"<(python|calc)>(.*?)</\1>", re.S | re.I)
+_OPEN_TAG = re.compile(r"<(python|calc)>", re.I)
+_ANSWER = re.compile(r"answer\s*:\s*(.*)", re.I | re.S)
+_INT = re.compile(r"^\s*\$?\s*(-?[\d,]+)(?:\.0+)?\s*(?:dollars|[a-z ]*)?\s*\.?\s*$", re.I)
+
+
+def parse_answer(text: str) -> int | None:
+    """The single integer after `Answer:`; None if there is not exactly one."""
+    match = _ANSWER.search(text)
+    if not match:
+        return None
+    body = match.group(1).strip().splitlines()[0] if match.group(1).strip() else ""
+    number = _INT.match(body)
+    if not number:
+        return None
+    try:
+        return int(number.group(1).replace(",", ""))
+    except ValueError:
+        return None
+
+
+class ReactToolsEnv(TurnEnv):
+    def __init__(self, task: WordProblem, limits: EnvLimits = LIMITS, sandbox_dir: str | None = None) -> None:
+        super().__init__(SYSTEM_PROMPT, task.question, limits)
+        self.task = task
+        self.sandbox_dir = sandbox_dir
+        self.sandbox: SubprocessSandbox | None = None
+        self.correct = False
+
+    async def respond(self, text: str) -> Turn:
+        tool = _TOOL.search(text)
+        if tool:
+            return await self._call_tool(tool.group(1).lower(), tool.group(2).strip())
+        if _OPEN_TAG.search(text):
+            return Turn(
+                0.0,
+                "Malformed tool call: close the tag, e.g. <calc>2*3</calc>.",
+                metrics={"malformed_tool_call": 1},
+            )
+        if _ANSWER.search(text):
+            value = parse_answer(text)
+            self.correct = value == self.task.answer
+            metrics = {"correct": float(self.correct), "unparsed_answer": float(value is None)}
+            return Turn(
+                float(self.correct), "Correct." if self.correct else "Incorrect.", done=True, metrics=metrics
+            )
+        return Turn(
+            0.0,
+            "Use <calc>...</calc> or <python>...</python>, or reply 'Answer: NUMBER'.",
+            metrics={"format_error": 1},
+        )
+
+    async def _call_tool(self, kind: str, body: str) -> Turn:
+        if not body:
+            return Turn(0.0, f"Malformed tool call: empty <{kind}>.", metrics={"malformed_tool_call": 1})
+        if self.tool_calls >= self.limits.max_tool_calls:
+            return Turn(0.0, "Tool call limit reached.", done=True, stop_reason=StopReason.MAX_TOOL_CALLS)
+        if self.sandbox is None:
+            limits = SandboxLimits(wall_timeout_s=self.limits.tool_timeout_s)
+            self.sandbox = await SubprocessSandbox.create(limits, base_dir=self.sandbox_dir)
+        code = body if kind == "python" else f"print({body})"
+        result = await self.sandbox.run_python(code, timeout=int(self.limits.tool_timeout_s))
+        output = (result.stdout + result.stderr).strip()
+        if len(output) > TOOL_OUTPUT_CHARS:
+            output = output[:TOOL_OUTPUT_CHARS] + "\n... (output truncated)"
+        if result.exit_code != 0:
+            last = output.splitlines()[-1] if output else f"exit code {result.exit_code}"
+            reply, failed = f"Tool error: {last}", 1.0
+        else:
+            reply, failed = f"Output:\n{output or '(nothing printed)'}", 0.0
+        return Turn(0.0, reply, tool_calls=1, metrics={"tool_error": failed, f"tool/{kind}": 1.0})
+
+    async def close(self) -> None:
+        if self.sandbox is not None:
+            sandbox, self.sandbox = self.sandbox, None
+            await sandbox.cleanup()
+
+
+def make_tasks(split: str, config: dict[str, Any]) -> list[WordProblem]:
+    return make_problems(split, int(config["level"]), int(config["seed"]))
+
+
+SPEC = EnvSpec(
+    name="react_tools",
+    limits=LIMITS,
+    tools=("calc", "python"),
+    config_keys=(
+        ConfigKey(
+            "level",
+            1,
+            "1 one operation, 2 two operations, 3 three or four on larger numbers",
+            choices=(1, 2, 3),
+        ),
+        ConfigKey("seed", 0, "problem generation seed", minimum=0),
+    ),
+    make_tasks=make_tasks,
+    make_env=lambda task, config: ReactToolsEnv(task),
+)
+
+
+@chz.chz
+class ReactToolsDatasetBuilder(TreadleEnvDatasetBuilder):
+    """`rl.train` dataset builder for the ReAct tool env (`env_config={"level": 1..3}`)."""
+
+    env_name: str = "react_tools"
