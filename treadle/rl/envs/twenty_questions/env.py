@@ -35,7 +35,7 @@ TASKS_PER_SPLIT = {"train": 2000, "test": 200}
 FORMAT_PENALTY = -0.1
 
 SYSTEM_PROMPT = (
-    "We play 20 Questions. I am thinking of one creature from a list. Ask about one attribute per turn, "
+    "We play 20 Questions. I am thinking of one creature from the list below. Ask about one attribute per turn, "
     "like 'Question: is the color red?'. I answer Yes or No. When you know it, write 'Guess: NAME'. "
     "A wrong guess ends the game."
 )
@@ -94,8 +94,10 @@ def _vocabulary_text() -> str:
 
 class TwentyQuestionsEnv(TurnEnv):
     def __init__(self, task: TwentyQuestionsTask, limits: EnvLimits = LIMITS) -> None:
-        names = ", ".join(e.name for e in task.candidates)
-        prompt = f"Candidates: {names}.\nAttributes: {_vocabulary_text()}.\nAsk your first question."
+        rows = "\n".join(
+            f"- {e.name}: " + ", ".join(f"{a} {v}" for a, v in e.attributes) for e in task.candidates
+        )
+        prompt = f"Candidates:\n{rows}\nAttributes: {_vocabulary_text()}.\nAsk your first question."
         super().__init__(SYSTEM_PROMPT, prompt, limits)
         self.task = task
         self.remaining: list[Entity] = list(task.candidates)
