@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,8 +16,21 @@ from treadle.errors import TreadleError
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+def error_response(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def http_detail(req: Request, exc: HTTPException) -> str:
+    """The router's own refusals name what is wrong: the path (404) or the method (405), not just "Not Found"."""
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return (
+            f"path: no route {req.method} {req.url.path[:200]!r} on this server; identifiers in paths are "
+            "single segments (checkpoints are <kind>/<name> with kind one of weights, sampler_weights, "
+            "external_weights); see the API reference"
+        )
+    if exc.status_code == 405:
+        return f"method: {req.method} is not allowed on {req.url.path[:200]!r}"
+    return str(exc.detail) or "error"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -33,8 +47,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(HTTPException)
-    async def _http(_req: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail) or "error")
+    async def _http(req: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, http_detail(req, exc), exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(_req: Request, exc: Exception) -> JSONResponse:

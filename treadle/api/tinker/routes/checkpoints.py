@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
+from starlette.exceptions import HTTPException
 
 from treadle.api.tinker.routes.wire import PREFIX, fields, owner
 from treadle.errors import UserError
@@ -24,6 +25,23 @@ def ref(run_id: str, kind: str, name: str) -> CheckpointRef:
             f"checkpoint_id: kind must be one of {', '.join(KINDS)}, got {kind!r}", field="checkpoint_id"
         )
     return CheckpointRef(run_id, kind, check_name(name, "checkpoint_id"))
+
+
+_ACTIONS = ("publish", "ttl", "external_weights_urls")
+
+
+def malformed_checkpoint(method: str, rest: str) -> None:
+    """Why `/training_runs/{run_id}/checkpoints/{rest}` matched no route: a malformed checkpoint id (400 naming
+    the expected form, e.g. a bare `ckpt0` without its kind) or a method the route does not take (405)."""
+    parts = rest.split("/")
+    if len(parts) in (2, 3) and parts[0] in KINDS and (len(parts) == 2 or parts[2] in _ACTIONS):
+        check_name(parts[1], "checkpoint_id")
+        raise HTTPException(405, f"method: {method} is not allowed on this checkpoint route")
+    raise UserError(
+        f"checkpoint_id: must be <kind>/<name> with kind one of {', '.join(KINDS)} and a name of letters, "
+        f"digits, '.', '_', ':' or '-' (optionally followed by /{', /'.join(_ACTIONS)}), got {rest[:200]!r}",
+        field="checkpoint_id",
+    )
 
 
 def add_routes(r: APIRouter, service: TinkerService) -> None:
@@ -81,6 +99,11 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     async def blob(token: str, rel: str) -> Response:
         # No X-API-Key: the SDK fetches these with plain urllib, so the signed token is the authorization.
         return FileResponse(service.blob_file(token, rel))
+
+    @r.api_route("/training_runs/{run_id}/checkpoints/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def malformed_checkpoint_path(run_id: str, rest: str, request: Request) -> None:
+        # Registered after every well-formed checkpoint route, so only what they did not match lands here.
+        malformed_checkpoint(request.method, rest)
 
     @r.post("/weights_info")
     async def weights_info(request: Request) -> dict[str, Any]:

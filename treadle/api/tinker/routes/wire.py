@@ -5,12 +5,12 @@ every error), the caller's identity from `X-API-Key`, and the future reply the S
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from fastapi import Request
 
+from treadle.api.decoding import check_number, json_object
 from treadle.errors import TreadleError, UserError
 from treadle.service.tinker_service import TinkerService
 
@@ -40,15 +40,12 @@ class Fields:
         if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
             names = " or ".join(t.__name__ for t in types)
             raise UserError(f"{name}: must be {names}, got {type(v).__name__}", field=name)
+        check_number(name, v)
         return v  # type: ignore[return-value]
 
 
 async def fields(request: Request) -> Fields:
-    body = await request.body()
-    try:
-        return Fields(json.loads(body) if body else {})
-    except json.JSONDecodeError as e:
-        raise UserError(f"body: not valid JSON ({e.msg} at position {e.pos})", field="body") from e
+    return Fields(json_object(await request.body()))
 
 
 def owner(service: TinkerService, request: Request) -> str:
