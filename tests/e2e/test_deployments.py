@@ -6,6 +6,8 @@ also turns on count retention)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from openai import NotFoundError, OpenAI
 from tinker import types
 
 from tests.e2e.conftest import ServerProcess
+from treadle.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +110,10 @@ def test_deploy_serve_trace_feedback(server: ServerProcess, trained: tuple[Any, 
     # recorded logprobs bit for bit, so training on a trace needs no re-tokenization.
     ids = trace["prompt_tokens"] + trace["completion_tokens"]
     n = len(trace["prompt_tokens"])
-    sampler = tinker.ServiceClient(base_url=server.base_url, api_key=ALICE).create_sampling_client(
-        model_path=v1
+    sampler = (
+        tinker.ServiceClient(base_url=server.base_url, api_key=ALICE)
+        .create_sampling_client(model_path=v1)
+        .result()
     )
     scored = sampler.compute_logprobs(types.ModelInput.from_ints(ids)).result()
     assert np.array_equal(
@@ -171,6 +176,48 @@ def test_deploy_serve_trace_feedback(server: ServerProcess, trained: tuple[Any, 
         v1,
         "rollback to v1: worse",
     )
+
+
+@dataclasses.dataclass
+class _Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _cli(server: ServerProcess, capsys: pytest.CaptureFixture[str], *argv: str) -> _Ran:
+    """`treadle ARGV` through the real CLI entry point, in-process (a subprocess per call costs seconds)."""
+    capsys.readouterr()
+    rc = main([*argv, "--base-url", server.base_url, "--api-key", ALICE])
+    out = capsys.readouterr()
+    return _Ran(rc, out.out, out.err)
+
+
+def test_cli_deploy_and_export(
+    server: ServerProcess, trained: tuple[Any, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, (v1, v2) = trained
+    assert "cli-bot  v1" in _cli(server, capsys, "deploy", "create", "cli-bot", v1).stdout
+    assert (
+        "cli-bot  v2" in _cli(server, capsys, "deploy", "promote", "cli-bot", v2, "--reason", "better").stdout
+    )
+    assert "cli-bot  v3" in _cli(server, capsys, "deploy", "rollback", "cli-bot").stdout
+    history = _cli(server, capsys, "deploy", "history", "cli-bot").stdout.splitlines()
+    assert [h[2:].split()[0] for h in history] == ["v1", "v2", "v3"]
+    assert history[-1].startswith("* v3") and "rollback to v1" in history[-1] and "better" in history[1]
+    assert "cli-bot" in _cli(server, capsys, "deploy", "list").stdout
+    missing = _cli(server, capsys, "deploy", "promote", "cli-bot", v1.replace("v1", "nope"))
+    assert missing.returncode == 2 and "404" in missing.stderr and "model_path" in missing.stderr
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key=ALICE)
+    ids = [client.completions.create(model="cli-bot", prompt=p, max_tokens=2).id for p in ("a", "b")]
+    out = tmp_path / "traces.jsonl"
+    done = _cli(server, capsys, "traces", "export", "--deployment", "cli-bot", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["completion_id"] for r in rows] == ids and all(r["version"] == 3 for r in rows)
+    unknown = _cli(server, capsys, "traces", "export", "--deployment", "no-such")
+    assert unknown.returncode == 2 and "your deployments" in unknown.stderr
 
 
 def test_traces_survive_a_restart_and_retention_applies(

@@ -18,10 +18,19 @@ from treadle.errors import UserError, require
 
 LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo")
 
-# Loss names the SDK knows (LossFnType) that this server deliberately does not implement, with what to do instead.
+# A deliberate refusal, not a gap: Tinker documents stable_reinforce's inputs (record_stability_info sampling, then
+# sequence_id provenance on the training datums) but not its objective, so any formula here would silently train
+# something other than what the name promises. The same text refuses record_stability_info, its only consumer.
+STABLE_REINFORCE_REFUSAL = (
+    "StableReinforce is refused by this server: Tinker has not published its objective (only its inputs), so it "
+    "cannot be reproduced faithfully; sample without record_stability_info and train with loss_fn="
+    "'importance_sampling', 'ppo', 'cispo' or 'gspo' (the cookbook's loss_fn option)"
+)
+# Loss names the SDK knows (LossFnType) that are not in the registry, and why.
 _UNSUPPORTED_HINTS = {
-    "stable_reinforce": "is not supported by this server; pass loss_fn='importance_sampling' (or ppo/cispo/gspo)",
-    "custom": "(server-side custom losses) is not supported; use forward_backward_custom, which runs client-side",
+    "stable_reinforce": f"is not available. {STABLE_REINFORCE_REFUSAL}",
+    # the service resolves loss_fn_config's loss_id to the uploaded loss before the engine sees the request
+    "custom": "needs a loss uploaded with create_custom_loss and loss_fn_config={'loss_id': …}",
 }
 
 _CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}  # Tinker docs: ε = 0.2 by default

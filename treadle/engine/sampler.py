@@ -26,8 +26,10 @@ from typing import Any, Literal
 import torch
 
 from treadle import ops
+from treadle.engine import prompt_extras
 from treadle.engine.compute import ComputeThread
 from treadle.engine.kv_cache import SlotKVCache
+from treadle.engine.prompt_extras import PromptExtras
 from treadle.engine.sampling import StopCriteria, make_generator, sample_tokens, string_stop_hit
 from treadle.engine.types import SampledSequence, SampleRequest, SampleResult
 from treadle.errors import TreadleError, UserError, require
@@ -69,6 +71,7 @@ def validate_request(
         "topk_prompt_logprobs",
         f"must be an integer in 0..{vocab_size}, got {req.topk_prompt_logprobs!r}",
     )
+    prompt_extras.validate(req, vocab_size)
     p = req.params
     p.validate(vocab_size)
     require(
@@ -118,10 +121,11 @@ class _Request:
     prompt_cache_hit_tokens: int = 0
     prompt_scored: bool = False  # prompt_logprobs / topk_prompt_logprobs computed (by the first prefill)
     on_token: TokenCallback | None = None
+    prompt_extras: PromptExtras | None = None  # target_prompt_logprobs / prompt_alt_tokens (prompt_extras.py)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.req.prompt_logprobs or self.req.topk_prompt_logprobs > 0
+        return self.req.prompt_logprobs or self.req.topk_prompt_logprobs > 0 or prompt_extras.wanted(self.req)
 
 
 @dataclasses.dataclass(eq=False)
@@ -144,6 +148,7 @@ class _Row:
     next_token: int = -1  # sampled, not yet in the KV cache
     generated: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    topk: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # topk_sample_logprobs
 
 
 @dataclasses.dataclass
@@ -152,6 +157,7 @@ class _PromptScores:
 
     logprobs: list[float] = dataclasses.field(default_factory=lambda: [math.nan])
     topk: list[list[tuple[int, float]]] = dataclasses.field(default_factory=lambda: [[]])
+    extras: PromptExtras = dataclasses.field(default_factory=PromptExtras)
 
 
 @dataclasses.dataclass(eq=False)
@@ -504,6 +510,7 @@ class Sampler:
                 r.prompt_scored = True
                 r.prompt_logprobs = scored[b].logprobs if r.req.prompt_logprobs else None
                 r.topk_prompt_logprobs = scored[b].topk if r.req.topk_prompt_logprobs > 0 else None
+                r.prompt_extras = scored[b].extras
 
     def _score_prompt(
         self, r: _Request, hidden_1_T_D: torch.Tensor, first: int, hook: LoraHook | None, acc: _PromptScores
@@ -522,6 +529,7 @@ class Sampler:
                 vals, idx = lp_T_V.topk(k, dim=-1)
                 for vs, ids in zip(vals.tolist(), idx.tolist(), strict=True):
                     acc.topk.append(list(zip(ids, vs, strict=True)))
+            acc.extras.add(r.req, r.seed, lp_T_V, first + a)
 
     # decode: one batched model call for every active row ---------------------------------------------------
     def _decode_step(self) -> None:
@@ -582,16 +590,22 @@ class Sampler:
             [row.generator for row in rows],
         )
         # Tinker semantics: the logprob of the sampled token under the unmodified model distribution.
-        lp_B = ops.current().log_softmax(logits_B_V, dim=-1).gather(1, tokens_B[:, None])[:, 0]
-        for row, tok, lp in zip(rows, tokens_B.tolist(), lp_B.tolist(), strict=True):
-            self._accept(row, tok, lp)
+        lp_B_V = ops.current().log_softmax(logits_B_V, dim=-1)
+        lp_B = lp_B_V.gather(1, tokens_B[:, None])[:, 0]
+        topk_B = prompt_extras.topk_rows(lp_B_V, [row.request.req.topk_sample_logprobs for row in rows])
+        for row, tok, lp, topk in zip(rows, tokens_B.tolist(), lp_B.tolist(), topk_B, strict=True):
+            self._accept(row, tok, lp, topk)
 
-    def _accept(self, row: _Row, token: int, logprob: float) -> None:
+    def _accept(
+        self, row: _Row, token: int, logprob: float, topk: list[tuple[int, float]] | None = None
+    ) -> None:
         r = row.request
         if r.done:  # failed earlier in this step (a batch-mate's callback raised)
             return
         row.generated.append(token)
         row.logprobs.append(logprob)
+        if topk is not None:
+            row.topk.append(topk)
         if r.on_token is not None:
             try:
                 r.on_token(row.index, token, logprob)
@@ -613,16 +627,23 @@ class Sampler:
             row.next_token = token
             return
         self._rows.remove(row)
-        r.sequences[row.index] = SampledSequence(row.generated, row.logprobs, reason)
+        r.sequences[row.index] = SampledSequence(
+            row.generated, row.logprobs, reason, row.topk if r.req.topk_sample_logprobs else None
+        )
         r.rows_left -= 1
         if r.rows_left == 0 and not r.done:
             r.done = True
             seqs = [s for s in r.sequences if s is not None]
+            prompt_lp, topk_prompt = prompt_extras.keep_last_n(
+                r.req, r.prompt_logprobs, r.topk_prompt_logprobs
+            )
             result = SampleResult(
                 sequences=seqs,
-                prompt_logprobs=r.prompt_logprobs,
-                topk_prompt_logprobs=r.topk_prompt_logprobs,
+                prompt_logprobs=prompt_lp,
+                topk_prompt_logprobs=topk_prompt,
                 prompt_cache_hit_tokens=r.prompt_cache_hit_tokens,
+                target_prompt_logprobs=r.prompt_extras.target() if r.prompt_extras else None,
+                prompt_alt_tokens=r.prompt_extras.alt_tokens() if r.prompt_extras else None,
             )
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
                 r.future.set_result(result)

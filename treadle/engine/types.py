@@ -106,6 +106,10 @@ class SampleRequest:
     num_samples: int = 1
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0  # per sampled token: its k most likely (token, logprob) pairs
+    prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens (None: all)
+    prompt_alt_tokens_k: int = 0  # k draws at the request's temperature at each prompt position but the first
+    target_prompt_logprobs: torch.Tensor | None = None  # int64 [len(prompt) - 1, K]: ids to score; -1 = none
     images: list[ImageInput] = dataclasses.field(default_factory=list)  # not yet expanded into `prompt`
     spans: list[ImageSpan] = dataclasses.field(default_factory=list)  # expanded images (placeholders in prompt)
 
@@ -115,6 +119,7 @@ class SampledSequence:
     tokens: list[int]
     logprobs: list[float]
     stop_reason: Literal["stop", "length"]
+    topk_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when topk_sample_logprobs > 0
 
 
 @dataclasses.dataclass
@@ -124,3 +129,7 @@ class SampleResult:
     # per prompt position: up to k (token, logprob) pairs; position 0 is empty
     topk_prompt_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_cache_hit_tokens: int = 0
+    # float32, the request's [P - 1, K]; 0.0 where it had -1
+    target_prompt_logprobs: torch.Tensor | None = None
+    # (int64 ids, float32 logprobs), each [P - 1, k]
+    prompt_alt_tokens: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -22,12 +22,16 @@ class Checkpoints:
         self.s = state
 
     def capabilities(self) -> list[dict[str, Any]]:
+        """Each served model's true limits: the SDK's SupportedModel fields plus the largest LoRA rank the
+        adapter bank takes and whether the model reads ImageChunks (extra fields the SDK keeps or ignores)."""
         return [
             {
                 "model_name": w.name,
                 "max_context_length": w.engine.info.max_context_length,
                 "trainable": True,
                 "sampleable": True,
+                "max_lora_rank": w.engine.bank.max_rank,
+                "supports_images": w.engine.images.accepts_images,
             }
             for w in self.s.pool.workers.values()
         ]

@@ -146,6 +146,64 @@ def encode_forward_backward(res: ForwardBackwardResult) -> Outcome:
     return Outcome(proto=out.SerializeToString())
 
 
+def target_ids(raw: object) -> torch.Tensor | None:
+    """`target_prompt_logprobs` (JSON TensorData, dense or sparse CSR) → a dense int64 [P - 1, K] tensor of ids,
+    -1 where nothing is requested (the SDK's sparse pad value)."""
+    field = "target_prompt_logprobs"
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
+        raise UserError(f"{field}: must be a TensorData object with data, dtype and shape", field=field)
+    shape = raw.get("shape")
+    require(
+        raw.get("dtype") == "int64",
+        field,
+        f"must be an int64 tensor of token ids, got dtype {raw.get('dtype')!r}",
+    )
+    require(
+        isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s >= 0 for s in shape),
+        field,
+        f"must be 2-D, [len(prompt) - 1, K], got shape {shape!r}",
+    )
+    assert isinstance(shape, list)
+    data, crow, col = raw["data"], raw.get("sparse_crow_indices"), raw.get("sparse_col_indices")
+    require(all(type(x) is int for x in data), field, "data must be integer token ids (-1 = no request)")
+    try:
+        values = torch.tensor(data, dtype=torch.int64)
+        if crow is None and col is None:
+            return values.reshape(shape)
+        if not isinstance(crow, list) or not isinstance(col, list):
+            raise ValueError("sparse_crow_indices and sparse_col_indices come together")
+        # CSR with pad -1: shift by +1 so the unlisted cells (torch's zeros) become -1 after shifting back
+        crow_t, col_t = torch.tensor(crow, dtype=torch.int64), torch.tensor(col, dtype=torch.int64)
+        dense = torch.sparse_csr_tensor(crow_t, col_t, values + 1, size=tuple(shape)).to_dense()
+        return dense - 1
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise UserError(f"{field}: data does not match shape {shape} ({e})", field=field) from e
+
+
+def _dense(t: torch.Tensor, dtype: Any) -> pb.Tensor:
+    np_dtype = np.float32 if dtype == pb.DTYPE_FLOAT32 else np.int64
+    return pb.Tensor(
+        dense=t.detach().cpu().numpy().astype(np_dtype).tobytes(), dtype=dtype, shape=list(t.shape)
+    )
+
+
+def _topk_matrix(rows: list[list[tuple[int, float]]], k: int, out: pb.TopkLogprobs) -> None:
+    """Rows of up to k (token, logprob) pairs → the dense (n, k) matrices, empty slots token 0 / −99999."""
+    n = len(rows)
+    ids = np.zeros((n, k), dtype=np.int32)
+    lps = np.full((n, k), EMPTY_TOPK_LOGPROB, dtype=np.float32)
+    for i, row in enumerate(rows):
+        for j, (tok, lp_) in enumerate(row[:k]):
+            ids[i, j] = tok
+            lps[i, j] = lp_
+    out.token_ids = ids.tobytes()
+    out.logprobs = lps.tobytes()
+    out.k = k
+    out.length = n
+
+
 def encode_sample(res: SampleResult, req: SampleRequest) -> Outcome:
     out = pb.SampleResponse(prompt_cache_hit_tokens=int(res.prompt_cache_hit_tokens))
     for s in res.sequences:
@@ -153,22 +211,20 @@ def encode_sample(res: SampleResult, req: SampleRequest) -> Outcome:
         seq.stop_reason = pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         seq.tokens = np.asarray(s.tokens, dtype=np.int32).tobytes()
         seq.logprobs = np.asarray(s.logprobs, dtype=np.float32).tobytes()
+        if req.topk_sample_logprobs > 0 and s.topk_logprobs is not None:
+            _topk_matrix(s.topk_logprobs, req.topk_sample_logprobs, seq.topk_sampled_logprobs)
     if res.prompt_logprobs is not None:
         lp = np.asarray([math.nan if v is None else v for v in res.prompt_logprobs], dtype=np.float32)
         out.prompt_logprobs = lp.tobytes()
     k = req.topk_prompt_logprobs
     if k > 0 and res.topk_prompt_logprobs is not None:
-        n = len(res.topk_prompt_logprobs)
-        ids = np.zeros((n, k), dtype=np.int32)
-        lps = np.full((n, k), EMPTY_TOPK_LOGPROB, dtype=np.float32)
-        for i, row in enumerate(res.topk_prompt_logprobs):
-            for j, (tok, lp_) in enumerate(row[:k]):
-                ids[i, j] = tok
-                lps[i, j] = lp_
-        out.topk_prompt_logprobs.token_ids = ids.tobytes()
-        out.topk_prompt_logprobs.logprobs = lps.tobytes()
-        out.topk_prompt_logprobs.k = k
-        out.topk_prompt_logprobs.length = n
+        _topk_matrix(res.topk_prompt_logprobs, k, out.topk_prompt_logprobs)
+    if res.target_prompt_logprobs is not None:
+        out.target_prompt_logprobs.CopyFrom(_dense(res.target_prompt_logprobs, pb.DTYPE_FLOAT32))
+    if res.prompt_alt_tokens is not None:
+        ids_t, lps_t = res.prompt_alt_tokens
+        out.prompt_alt_tokens.tokens.CopyFrom(_dense(ids_t, pb.DTYPE_INT64))
+        out.prompt_alt_tokens.logprobs.CopyFrom(_dense(lps_t, pb.DTYPE_FLOAT32))
     return Outcome(proto=out.SerializeToString())
 
 

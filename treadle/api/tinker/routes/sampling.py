@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from treadle.api.tinker import codec
 from treadle.api.tinker.images import dmel_refused, image_from_json
 from treadle.api.tinker.routes.wire import Fields, fields, future, owner
+from treadle.engine.losses import STABLE_REINFORCE_REFUSAL
 from treadle.engine.types import ImageInput, SampleRequest, SamplingParams
 from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
@@ -46,6 +47,10 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
             num_samples=f.get("num_samples", int, 1),
             prompt_logprobs=f.get("prompt_logprobs", bool, False),
             topk_prompt_logprobs=f.get("topk_prompt_logprobs", int, 0),
+            topk_sample_logprobs=f.get("topk_sample_logprobs", int, 0),
+            prompt_logprobs_last_n=f.get("prompt_logprobs_last_n", int, None),
+            prompt_alt_tokens_k=f.get("prompt_alt_tokens_k", int, 0),
+            target_prompt_logprobs=codec.target_ids(f.raw.get("target_prompt_logprobs")),
         )
         if req.topk_prompt_logprobs:
             req.prompt_logprobs = True
@@ -79,17 +84,9 @@ def _prompt(f: Fields, image_dir: Path | None) -> tuple[list[int], list[ImageInp
 
 
 def _sampling_params(f: Fields) -> SamplingParams:
-    """`sampling_params`, after refusing the prompt-logprob options this server does not implement."""
-    if f.raw.get("prompt_logprobs_last_n") is not None or f.raw.get("prompt_alt_tokens_k"):
-        raise UserError(
-            "prompt_logprobs_last_n / prompt_alt_tokens_k: not supported by this server",
-            field="prompt_logprobs_last_n",
-        )
-    if f.raw.get("target_prompt_logprobs") is not None or f.raw.get("topk_sample_logprobs"):
-        raise UserError(
-            "target_prompt_logprobs / topk_sample_logprobs: not supported by this server",
-            field="target_prompt_logprobs",
-        )
+    """`sampling_params`, after refusing `record_stability_info` (see `losses.STABLE_REINFORCE_REFUSAL`)."""
+    if f.raw.get("record_stability_info"):
+        raise UserError(f"record_stability_info: {STABLE_REINFORCE_REFUSAL}", field="record_stability_info")
     try:
         return codec.sampling_params(f.get("sampling_params", dict, {}))
     except (TypeError, ValueError) as e:
