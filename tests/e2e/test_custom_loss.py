@@ -100,7 +100,9 @@ def sc(tinker_server: ServerProcess) -> tinker.ServiceClient:
         (kl_to_reference, {"logprobs": 1, "ref_logprobs": 1, "weights": 1}, _kl_data),
     ],
 )
-def test_server_side_matches_client_side(sc: tinker.ServiceClient, tinker_server: ServerProcess, fn, ranks, data):  # noqa: ANN001
+def test_server_side_matches_client_side(
+    sc: tinker.ServiceClient, tinker_server: ServerProcess, fn, ranks, data
+):  # noqa: ANN001
     handle = sc.create_custom_loss(fn, input_ranks=ranks).result()
     assert handle.loss_id is not None  # the server advertised custom_loss_server_side and stored it
     server = sc.create_lora_training_client(base_model=tinker_server.model, rank=4, seed=7).result()
@@ -142,7 +144,12 @@ def test_refused_graph_names_the_construct(sc: tinker.ServiceClient, tinker_serv
         "nodes": [
             {"op": "placeholder", "name": "logprobs", "target": "logprobs"},
             {"op": "call_function", "name": "p", "target": "builtins.open", "args": ["/etc/passwd"]},
-            {"op": "output", "name": "output", "target": "output", "args": [{"tuple": [{"ref": "p"}, {"dict": {}}]}]},
+            {
+                "op": "output",
+                "name": "output",
+                "target": "output",
+                "args": [{"tuple": [{"ref": "p"}, {"dict": {}}]}],
+            },
         ]
     }
     r = httpx.post(

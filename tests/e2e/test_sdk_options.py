@@ -27,7 +27,9 @@ def sc(tinker_server: ServerProcess) -> tinker.ServiceClient:
 
 
 @pytest.fixture(scope="module")
-def clients(sc: tinker.ServiceClient, tinker_server: ServerProcess) -> tuple[tinker.SamplingClient, tinker.TrainingClient]:
+def clients(
+    sc: tinker.ServiceClient, tinker_server: ServerProcess
+) -> tuple[tinker.SamplingClient, tinker.TrainingClient]:
     sampler = sc.create_sampling_client(base_model=tinker_server.model)
     trainer = sc.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
     return sampler, trainer
@@ -65,7 +67,9 @@ def test_topk_sample_logprobs(clients: tuple[tinker.SamplingClient, tinker.Train
     np.testing.assert_allclose(lps, ref, atol=1e-4)
 
 
-def test_target_prompt_logprobs_dense_and_sparse(clients: tuple[tinker.SamplingClient, tinker.TrainingClient]) -> None:
+def test_target_prompt_logprobs_dense_and_sparse(
+    clients: tuple[tinker.SamplingClient, tinker.TrainingClient],
+) -> None:
     sampler, tc = clients
     n = len(PROMPT) - 1
     ids = torch.full((n, 3), -1, dtype=torch.long)
@@ -129,23 +133,35 @@ def test_prompt_alt_tokens(clients: tuple[tinker.SamplingClient, tinker.Training
 
 def test_prompt_logprobs_last_n(clients: tuple[tinker.SamplingClient, tinker.TrainingClient]) -> None:
     sampler, _ = clients
-    kw = {"num_samples": 1, "sampling_params": types.SamplingParams(max_tokens=1), "include_prompt_logprobs": True}
+    kw = {
+        "num_samples": 1,
+        "sampling_params": types.SamplingParams(max_tokens=1),
+        "include_prompt_logprobs": True,
+    }
     full = sampler.sample(types.ModelInput.from_ints(PROMPT), topk_prompt_logprobs=2, **kw).result()
     last = sampler.sample(
         types.ModelInput.from_ints(PROMPT), topk_prompt_logprobs=2, prompt_logprobs_last_n=3, **kw
     ).result()
     assert full.prompt_logprobs is not None and last.prompt_logprobs is not None
     assert last.prompt_logprobs[:-3] == [None] * (len(PROMPT) - 3)
-    np.testing.assert_allclose(last.prompt_logprobs[-3:], full.prompt_logprobs[-3:], atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(last.prompt_logprobs[-3:], dtype=np.float64),
+        np.array(full.prompt_logprobs[-3:], dtype=np.float64),
+        atol=1e-6,
+    )
     assert last.topk_prompt_logprobs is not None and full.topk_prompt_logprobs is not None
     assert last.topk_prompt_logprobs[:-3] == [None] * (len(PROMPT) - 3)
     assert last.topk_prompt_logprobs[-3:] == full.topk_prompt_logprobs[-3:]
-    with pytest.raises(tinker.RequestFailedError, match=r"prompt_logprobs_last_n: must be an integer in 1\.\.9"):
+    with pytest.raises(
+        tinker.RequestFailedError, match=r"prompt_logprobs_last_n: must be an integer in 1\.\.9"
+    ):
         sampler.sample(types.ModelInput.from_ints(PROMPT), prompt_logprobs_last_n=len(PROMPT), **kw).result()
 
 
 def test_stable_reinforce_is_a_documented_refusal(
-    sc: tinker.ServiceClient, clients: tuple[tinker.SamplingClient, tinker.TrainingClient], tinker_server: ServerProcess
+    sc: tinker.ServiceClient,
+    clients: tuple[tinker.SamplingClient, tinker.TrainingClient],
+    tinker_server: ServerProcess,
 ) -> None:
     stable = sc.create_sampling_client(base_model=tinker_server.model, record_stability_info=True)
     with pytest.raises(tinker.BadRequestError, match="record_stability_info.*objective"):
@@ -164,16 +180,21 @@ def test_stable_reinforce_is_a_documented_refusal(
 
 
 def test_capabilities_report_true_limits(sc: tinker.ServiceClient, tinker_server: ServerProcess) -> None:
-    caps = httpx.get(f"{tinker_server.base_url}/api/v1/get_server_capabilities", headers={"X-API-Key": API_KEY}).json()
+    caps = httpx.get(
+        f"{tinker_server.base_url}/api/v1/get_server_capabilities", headers={"X-API-Key": API_KEY}
+    ).json()
     (model,) = caps["supported_models"]
-    assert model["max_lora_rank"] == 128 and model["supports_images"] is False  # the tiny llama has no vision tower
+    # the tiny llama has no vision tower
+    assert model["max_lora_rank"] == 128 and model["supports_images"] is False
     assert model["max_context_length"] > 0
     sdk = sc.get_server_capabilities().supported_models[0]
     assert sdk.max_context_length == model["max_context_length"]
 
 
 def _fb_body(model_id: str, seq_id: int) -> bytes:
-    msg = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy", forward_only=True)
+    msg = pb.ForwardBackwardRequest(
+        model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy", forward_only=True
+    )
     d = msg.data.add()
     d.model_input.add().encoded_text.tokens = np.array(PROMPT[:-1], dtype="<i4").tobytes()
     t = d.loss_fn_inputs["target_tokens"]
@@ -200,7 +221,11 @@ def test_zstd_bodies(sc: tinker.ServiceClient, tinker_server: ServerProcess) -> 
     assert len(bomb) < 4096
     big = httpx.post(url, content=bomb, headers={**headers, "Content-Encoding": "zstd"})
     assert big.status_code == 413
-    ok = httpx.post(url, content=zstandard.ZstdCompressor().compress(_fb_body(mid, 10_000)), headers={**headers, "Content-Encoding": "zstd"})
+    ok = httpx.post(
+        url,
+        content=zstandard.ZstdCompressor().compress(_fb_body(mid, 10_000)),
+        headers={**headers, "Content-Encoding": "zstd"},
+    )
     assert ok.status_code == 200 and "request_id" in ok.json()
 
 
