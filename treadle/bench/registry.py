@@ -7,4 +7,5 @@ BENCHMARKS: dict[str, str] = {
     "api": "treadle.bench.api:bench_api",
     "determinism": "treadle.bench.determinism:bench_determinism",
     "tenants": "treadle.bench.tenants:bench_tenants",
+    "rl": "treadle.rl.async_bench:bench_rl",
 }
