@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from treadle.bench.registry import BENCHMARKS
+from treadle.service.limits import Limits
 
 # = treadle.models.embedded.DEFAULT_MODEL, repeated so `treadle --help` does not import torch
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from treadle.api.body_limit import BodyLimit
 from treadle.api.errors import install_error_handlers
 from treadle.errors import UserError, require
+from treadle.service.limits import Limits
 
 log = logging.getLogger("treadle.server")
 
@@ -45,6 +46,7 @@ class ServerConfig:
     max_request_bytes: int = 256 * 1024 * 1024
     max_lora_rank: int = 128
     ephemeral_samplers: int = 4  # in-memory sampler snapshots kept per training run
+    limits: Limits = dataclasses.field(default_factory=Limits)  # backpressure: see treadle.service.limits
     image_dir: Path | None = None  # ImageAssetPointerChunk paths are read only under it; None = none read
     trace_keep: int | None = None  # deployment traces kept per deployment (newest); None = all
     trace_max_age_s: float | None = None  # deployment traces older than this are deleted; None = never
@@ -55,6 +57,7 @@ class ServerConfig:
         if getattr(args, "data_dir", None):
             cfg.data_dir = Path(args.data_dir).expanduser()
         cfg.db_url = getattr(args, "db_url", None)
+        cfg.limits = Limits.from_args(args)
         cfg.models = list(getattr(args, "model", None) or [])
         cfg.api_keys = list(getattr(args, "api_key", None) or [])
         if getattr(args, "api_keys_file", None):
@@ -140,7 +143,7 @@ def build_service(cfg: ServerConfig) -> Any:
         ephemeral_samplers_per_model=cfg.ephemeral_samplers,
         image_dir=cfg.image_dir,
     )
-    return TinkerService(scfg, store, WorkerPool(engines), auth, ProtoCodec())
+    return TinkerService(scfg, store, WorkerPool(engines), auth, ProtoCodec(), cfg.limits)
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -164,7 +167,7 @@ def build_app(config: ServerConfig) -> FastAPI:
     app.state.max_request_bytes = config.max_request_bytes  # also bounds a decompressed body
     install_error_handlers(app)
 
-    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes, body_timeout_s=config.limits.body_timeout_s)
 
     app.include_router(make_router(service))
     _mount_openai(app, service, deployments)

@@ -9,10 +9,10 @@ from typing import Any
 def _learn(args: argparse.Namespace) -> int:
     from treadle.learn.config import parse_config
 
-    words: list[str] = list(args.config)
+    words, deployment = _split_deployment(list(args.config), args.deployment)
     if words and words[0] == "status":
-        return _status(words[1:], args.deployment)
-    cfg = parse_config(words, deployment=args.deployment)
+        return _status(words[1:], deployment)
+    cfg = parse_config(words, deployment=deployment)
     from treadle.learn.learner import Learner
 
     learner = Learner(cfg)
@@ -21,6 +21,20 @@ def _learn(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"learn: stopped; state kept in {learner.path}")
     return 0
+
+
+def _split_deployment(words: list[str], deployment: str | None) -> tuple[list[str], str | None]:
+    """`--deployment NAME` may also come after `status` or among the key=value words."""
+    rest: list[str] = []
+    it = iter(words)
+    for w in it:
+        if w == "--deployment":
+            deployment = next(it, None)
+        elif w.startswith("--deployment="):
+            deployment = w.split("=", 1)[1]
+        else:
+            rest.append(w)
+    return rest, deployment
 
 
 def _status(words: list[str], deployment: str | None) -> int:
@@ -47,5 +61,5 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--deployment", default=None, help="the deployment to learn for")
-    p.add_argument("config", nargs="*", help="'status', or key=value settings")
+    p.add_argument("config", nargs=argparse.REMAINDER, help="'status', or key=value settings")
     p.set_defaults(func=_learn)

@@ -63,7 +63,7 @@ class Learner:
         dep = self.rest.get_deployment(self.cfg.deployment)
         self.training = self.service.create_lora_training_client(
             base_model=dep["base_model"], rank=self.cfg.lora_rank
-        )
+        ).result()
         self.tokenizer = self.training.get_tokenizer()
         self.eot_ids = end_of_turn_ids(self.tokenizer)
         if self.cfg.gate_set:
@@ -74,7 +74,7 @@ class Learner:
         info = self.state.models.get(live)
         if info is None:
             if self.cfg.init_state:
-                self.training.load_state_with_optimizer(self.cfg.init_state).result()
+                self._load(self.cfg.init_state)
             elif live.startswith("tinker://"):
                 raise UserError(
                     f"init_state: deployment {self.cfg.deployment!r} serves {live}, which this learner did not "
@@ -104,13 +104,17 @@ class Learner:
         self.log(f"learn: start at version {dep['version']} ({live}), gate={info.gate}")
         return d
 
+    def _load(self, state_path: str) -> None:
+        # a fresh training client from the checkpoint (weights + Adam state): the SDK's supported way back
+        self.training = self.service.create_training_client_from_state_with_optimizer(state_path).result()
+
     def _restore(self, model_path: str) -> None:
         info = self.state.models[model_path]
         if info.state_path is None:
             raise UserError(
                 f"init_state: no training checkpoint recorded for {model_path}", field="init_state"
             )
-        self.training.load_state_with_optimizer(info.state_path).result()
+        self._load(info.state_path)
         self.state.step = info.step
         self.trained_from = model_path
 
