@@ -38,16 +38,33 @@ def test_sdk_request_decodes() -> None:
         model_id="s:train:0",
         seq_id=3,
         forward_backward_input=types.ForwardBackwardInput(
-            data=[datum], loss_fn="ppo", loss_fn_config={"clip_low_threshold": 0.7, "name": "x"}
+            data=[datum], loss_fn="ppo", loss_fn_config={"clip_low_threshold": 0.7}
         ),
     )
     mid, seq, out = decode_forward_backward(forward_backward_request_to_proto(req).SerializeToString())
     assert (mid, seq, out.loss_fn, out.forward_only) == ("s:train:0", 3, "ppo", False)
-    assert out.loss_fn_config == {"clip_low_threshold": pytest.approx(0.7)}  # text values are not numbers
+    assert out.loss_fn_config == {"clip_low_threshold": pytest.approx(0.7)}
     d = out.data[0]
     assert d.tokens.tolist() == [1, 2, 3] and d.tokens.dtype == torch.int64
     assert torch.equal(d.loss_fn_inputs["target_tokens"], targets_2d)
     assert d.loss_fn_inputs["weights"].shape == (3, 2)
+
+
+def test_text_config_is_refused_except_for_custom() -> None:
+    # only loss_fn "custom" takes a text option (its loss_id); elsewhere a text value would do nothing
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2]),
+        loss_fn_inputs={"target_tokens": types.TensorData.from_numpy(np.array([2, 3], np.int64))},
+    )
+
+    def body(loss_fn: str) -> bytes:
+        fb = types.ForwardBackwardInput(data=[datum], loss_fn=loss_fn, loss_fn_config={"loss_id": "x"})  # type: ignore[arg-type]
+        req = types.ForwardBackwardRequest(model_id="s:train:0", seq_id=1, forward_backward_input=fb)
+        return forward_backward_request_to_proto(req).SerializeToString()
+
+    with pytest.raises(UserError, match="loss_fn_config.loss_id"):
+        decode_forward_backward(body("ppo"))
+    assert decode_forward_backward(body("custom"))[2].loss_fn == "custom"
 
 
 def test_garbage_is_a_user_error() -> None:
