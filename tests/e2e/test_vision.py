@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,7 +58,9 @@ def test_image_chunks_train_sample_and_score(vl_server: ServerProcess, vl_dir: P
     from tinker_cookbook.image_processing_utils import get_image_processor
     from tinker_cookbook.renderers.base import image_to_chunk
 
-    processor = get_image_processor(str(vl_dir))  # the model's own processor config, as the cookbook loads it
+    processor: Any = get_image_processor(
+        str(vl_dir)
+    )  # the model's own processor config, as the cookbook loads it
     chunk = image_to_chunk(_png(90, 60, 0), processor)  # jpeg bytes + expected_tokens computed client-side
     assert chunk.expected_tokens == 6
     sc = tinker.ServiceClient(base_url=vl_server.base_url, api_key=API_KEY)
@@ -80,7 +83,10 @@ def test_image_chunks_train_sample_and_score(vl_server: ServerProcess, vl_dir: P
     targets[-len(answer) :] = answer
     datum = types.Datum(
         model_input=full,
-        loss_fn_inputs={"target_tokens": targets, "weights": weights},
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_numpy(targets),
+            "weights": types.TensorData.from_numpy(weights),
+        },
     )
     losses = []
     for _ in range(3):
@@ -98,10 +104,11 @@ def test_image_chunks_train_sample_and_score(vl_server: ServerProcess, vl_dir: P
     tgt = np.zeros(scored.length, dtype=np.int64)
     tgt[-len(seq.tokens) :] = seq.tokens
     fwd = tc.forward(
-        [types.Datum(model_input=scored, loss_fn_inputs={"target_tokens": tgt})], "cross_entropy"
+        [types.Datum(model_input=scored, loss_fn_inputs={"target_tokens": types.TensorData.from_numpy(tgt)})],
+        "cross_entropy",
     ).result(timeout=120)
     fwd_lp = fwd.loss_fn_outputs[0]["logprobs"].tolist()[-len(seq.tokens) :]
-    assert np.allclose(fwd_lp, seq.logprobs, atol=1e-4)
+    assert seq.logprobs is not None and np.allclose(fwd_lp, seq.logprobs, atol=1e-4)
     # compute_logprobs over a prompt with an image: one value per position, position 0 None
     lps = sampler.compute_logprobs(prompt).result(timeout=120)
     assert len(lps) == prompt.length and lps[0] is None
@@ -110,7 +117,7 @@ def test_image_chunks_train_sample_and_score(vl_server: ServerProcess, vl_dir: P
         update={"chunks": [prompt.chunks[0], image_to_chunk(_png(90, 60, 1), processor), prompt.chunks[2]]}
     )
     lps2 = sampler.compute_logprobs(other).result(timeout=120)
-    assert abs(lps2[-1] - lps[-1]) > 1e-6
+    assert lps2[-1] is not None and lps[-1] is not None and abs(lps2[-1] - lps[-1]) > 1e-6
     # an asset pointer to a file under --image-dir is read from there
     pointer = types.ImageAssetPointerChunk(format="png", location="grey.png", expected_tokens=2)
     local = types.ModelInput(
@@ -128,7 +135,7 @@ def test_bad_image_input_is_refused_naming_the_chunk(vl_server: ServerProcess, i
     def datum(chunk: types.ModelInputChunk, n: int) -> types.Datum:
         return types.Datum(
             model_input=types.ModelInput(chunks=[t, chunk]),
-            loss_fn_inputs={"target_tokens": np.zeros(n, dtype=np.int64)},
+            loss_fn_inputs={"target_tokens": types.TensorData.from_numpy(np.zeros(n, dtype=np.int64))},
         )
 
     buf = io.BytesIO()
@@ -205,3 +212,51 @@ def test_vlm_classifier_recipe_two_steps(vl_server: ServerProcess, vl_dir: Path,
     steps = [r for r in rows if "train_mean_nll" in r]
     assert [r["step"] for r in steps] == [0, 1], rows
     assert all(np.isfinite(r["train_mean_nll"]) for r in steps)
+
+
+def test_openai_chat_image_url(vl_server: ServerProcess, tinker_server: ServerProcess) -> None:
+    import base64
+
+    import openai
+    from transformers import AutoTokenizer
+
+    buf = io.BytesIO()
+    _png(64, 48, 3).save(buf, format="PNG")
+    png = buf.getvalue()
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    question = [{"type": "text", "text": "What is in the picture?"}]
+    messages: Any = [
+        {"role": "user", "content": [*question, {"type": "image_url", "image_url": {"url": url}}]}
+    ]
+    client = openai.OpenAI(base_url=vl_server.base_url + "/v1", api_key=API_KEY)
+    reply = client.chat.completions.create(
+        model=vl_server.model, messages=messages, max_tokens=4, temperature=0
+    )
+    # the same prompt as Tinker chunks: the template's text around <|vision_start|> image <|vision_end|>
+    tok: Any = AutoTokenizer.from_pretrained(vl_server.model)
+    head = tok.encode("<|im_start|>user\nWhat is in the picture?<|vision_start|>", add_special_tokens=False)
+    tail = tok.encode("<|vision_end|><|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    prompt = types.ModelInput(
+        chunks=[
+            types.EncodedTextChunk(tokens=head),
+            types.ImageChunk(data=png, format="png"),
+            types.EncodedTextChunk(tokens=tail),
+        ]
+    )
+    # 64×48 px resizes to 64×64: 4 tokens
+    assert reply.usage is not None and reply.usage.prompt_tokens == len(head) + 4 + len(tail)
+    sc = tinker.ServiceClient(base_url=vl_server.base_url, api_key=API_KEY)
+    sampler = sc.create_sampling_client(base_model=vl_server.model).result()
+    seq = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=4, temperature=0.0)).result(timeout=120)
+    assert reply.choices[0].message.content == tok.decode(seq.sequences[0].tokens, skip_special_tokens=True)
+
+    remote: Any = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}
+    ]
+    with pytest.raises(
+        openai.BadRequestError, match=r"messages\[0\]\.content\[0\]\.image_url\.url: only data: URLs"
+    ):
+        client.chat.completions.create(model=vl_server.model, messages=remote, max_tokens=2)
+    text_only = openai.OpenAI(base_url=tinker_server.base_url + "/v1", api_key=API_KEY)
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.content\[1\]: .*text-only model"):
+        text_only.chat.completions.create(model=tinker_server.model, messages=messages, max_tokens=2)

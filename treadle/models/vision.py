@@ -142,6 +142,8 @@ class PatchMerger(nn.Module):
 
 
 class VisionTower(nn.Module):
+    rot_inv_freq: torch.Tensor
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg

@@ -43,13 +43,24 @@ def _content_text(msg: Message, i: int) -> str | None:
         return msg.content
     texts: list[str] = []
     for j, part in enumerate(msg.content):
+        if part.type == "image_url":  # decoded by api/openai/images.py; the template renders a placeholder
+            continue
         if part.type != "text" or part.text is None:
             raise UserError(
-                f"messages[{i}].content[{j}].type: only 'text' parts are supported, got {part.type!r}",
+                f"messages[{i}].content[{j}].type: only 'text' and 'image_url' parts are supported, got {part.type!r}",
                 field=f"messages[{i}].content[{j}].type",
             )
         texts.append(part.text)
     return "".join(texts)
+
+
+def _template_content(msg: Message, text: str | None) -> str | list[dict[str, Any]]:
+    """A message with images goes to the template as text / image parts (as vision templates expect)."""
+    if isinstance(msg.content, str) or msg.content is None or all(p.type != "image_url" for p in msg.content):
+        return text or ""
+    return [
+        {"type": "image"} if p.type == "image_url" else {"type": "text", "text": p.text} for p in msg.content
+    ]
 
 
 def _tool_call_for_template(call: Any) -> dict[str, Any]:
@@ -72,7 +83,10 @@ def template_messages(messages: list[Message], *, tools_ok: bool) -> list[dict[s
                 f"messages[{i}].content: required for role {msg.role!r}", field=f"messages[{i}].content"
             )
         # OpenAI's `developer` role replaces `system` for newer models; templates only know `system`.
-        d: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role, "content": text or ""}
+        d: dict[str, Any] = {
+            "role": "system" if msg.role == "developer" else msg.role,
+            "content": _template_content(msg, text),
+        }
         if msg.tool_calls:
             if not tools_ok:
                 raise UserError(

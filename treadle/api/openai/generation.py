@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from treadle.engine.types import SampledSequence, SampleRequest, SampleResult, SamplingParams
 from treadle.errors import UserError
+from treadle.models.qwen3_vl import ImageSpan
 
 if TYPE_CHECKING:
     from treadle.engine.engine import Engine
@@ -30,6 +31,7 @@ class GenerationSpec:
     stop_strings: list[str]
     stop_token_ids: list[int]  # end-of-turn/EOS: generation ends there and the token is not returned
     top_logprobs: int  # 0 = none
+    spans: list[ImageSpan] = dataclasses.field(default_factory=list)  # images in `prompt` (vision models)
 
 
 @dataclasses.dataclass
@@ -115,17 +117,19 @@ def finish_sequence(tokenizer: Any, seq: SampledSequence, spec: GenerationSpec) 
 
 
 async def _top_logprobs(
-    engine: Engine, adapter_id: str | None, prompt: list[int], choice: Choice, k: int
+    engine: Engine, adapter_id: str | None, spec: GenerationSpec, choice: Choice
 ) -> list[list[tuple[int, float]]]:
     """Top-k alternatives at each generated position: re-score prompt + reply once through the same sampler
     (its top-k prompt logprobs at those positions are exactly the distributions the tokens were drawn from)."""
     if not choice.token_ids:
         return []
+    prompt, k = spec.prompt, spec.top_logprobs
     req = SampleRequest(
         adapter_id,
         prompt + choice.token_ids,
         SamplingParams(max_tokens=1, temperature=0.0),
         topk_prompt_logprobs=k,
+        spans=list(spec.spans),
     )
     res = await asyncio.wrap_future(engine.sample(req))
     topk = res.topk_prompt_logprobs
@@ -140,16 +144,14 @@ async def generate(
     engine: Engine, adapter_id: str | None, spec: GenerationSpec, on_token: TokenCallback | None = None
 ) -> list[Choice]:
     params = sampling_params(spec, engine.info.max_context_length)
-    req = SampleRequest(adapter_id, list(spec.prompt), params, num_samples=spec.n)
+    req = SampleRequest(adapter_id, list(spec.prompt), params, num_samples=spec.n, spans=list(spec.spans))
     result: SampleResult = await asyncio.wrap_future(engine.sample(req, on_token))
     # Detokenizing is CPU work: keep it off the event loop that also serves the Tinker API.
     choices = await asyncio.to_thread(
         lambda: [finish_sequence(engine.tokenizer, seq, spec) for seq in result.sequences]
     )
     if spec.top_logprobs > 0:
-        tops = await asyncio.gather(
-            *(_top_logprobs(engine, adapter_id, spec.prompt, c, spec.top_logprobs) for c in choices)
-        )
+        tops = await asyncio.gather(*(_top_logprobs(engine, adapter_id, spec, c) for c in choices))
         for c, t in zip(choices, tops, strict=True):
             c.top_logprobs = t
     return choices

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from treadle.api.openai.backend import OpenAIBackend
 from treadle.api.openai.chat import end_of_turn_ids, parse_tool_calls, render_chat
 from treadle.api.openai.generation import Choice, GenerationSpec, generate
+from treadle.api.openai.images import chat_images, expand_chat_images, refuse_unless_vision
 from treadle.api.openai.live import LiveGeneration
 from treadle.api.openai.responses import (
     chat_logprobs,
@@ -115,8 +116,12 @@ async def chat_completions(
     engine, adapter_id, target = _resolve_any(backend, deployments, req.model, owner)
     # tool_choice "none" means the model must answer in prose: don't offer the tools at all.
     tools = req.tools if req.tool_choice != "none" else None
+    images = chat_images(req.messages)
+    refuse_unless_vision(engine, images)
+    prompt, spans = expand_chat_images(engine, render_chat(engine.tokenizer, req.messages, tools), images)
     spec = GenerationSpec(
-        prompt=render_chat(engine.tokenizer, req.messages, tools),
+        prompt=prompt,
+        spans=spans,
         prompt_field="messages",
         max_tokens=req.token_limit(),
         temperature=req.temperature,

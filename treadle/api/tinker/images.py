@@ -47,7 +47,9 @@ def _expected(raw: dict[str, Any], field: str) -> int | None:
     if v is None:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise UserError(f"{field}.expected_tokens: must be a positive integer", field=f"{field}.expected_tokens")
+        raise UserError(
+            f"{field}.expected_tokens: must be a positive integer", field=f"{field}.expected_tokens"
+        )
     return v
 
 
@@ -67,7 +69,9 @@ def image_from_json(raw: dict[str, Any], offset: int, field: str, image_dir: Pat
         return ImageInput(offset, blob, fmt, _expected(raw, field), field)
     location = raw.get("location")
     if not isinstance(location, str) or not location:
-        raise UserError(f"{field}.location: required (a path under the server's --image-dir)", field=f"{field}.location")
+        raise UserError(
+            f"{field}.location: required (a path under the server's --image-dir)", field=f"{field}.location"
+        )
     return ImageInput(offset, read_local_image(location, image_dir, field), fmt, _expected(raw, field), field)
 
 
@@ -75,7 +79,9 @@ def read_local_image(location: str, image_dir: Path | None, field: str) -> bytes
     """The bytes of `location` if it is a file inside `image_dir`; never a network fetch."""
     f = f"{field}.location"
     parsed = urlparse(location)
-    if parsed.scheme not in ("", "file") or (parsed.scheme == "file" and parsed.netloc not in ("", "localhost")):
+    if parsed.scheme not in ("", "file") or (
+        parsed.scheme == "file" and parsed.netloc not in ("", "localhost")
+    ):
         raise UserError(
             f"{f}: {parsed.scheme}:// locations are refused; the server fetches nothing from the network. Send the "
             "image bytes in an ImageChunk, or a path under the server's --image-dir",
