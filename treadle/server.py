@@ -164,6 +164,7 @@ def build_app(config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="treadle", lifespan=lifespan)
     app.state.service = service
+    app.state.deployments = deployments
     app.state.max_request_bytes = config.max_request_bytes  # also bounds a decompressed body
     install_error_handlers(app)
 

@@ -7,5 +7,6 @@ BENCHMARKS: dict[str, str] = {
     "api": "treadle.bench.api:bench_api",
     "determinism": "treadle.bench.determinism:bench_determinism",
     "tenants": "treadle.bench.tenants:bench_tenants",
+    "traces": "treadle.bench.traces:bench_traces",
     "rl": "treadle.rl.async_bench:bench_rl",
 }
