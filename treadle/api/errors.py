@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from treadle.errors import TreadleError
 
@@ -36,7 +37,11 @@ def http_detail(req: Request, exc: HTTPException) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TreadleError)
     async def _treadle(_req: Request, exc: TreadleError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message)
+        retry_after = getattr(
+            exc, "retry_after_s", None
+        )  # a limit (429): the SDK waits this long, then retries
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+        return error_response(exc.status_code, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -49,6 +54,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(req: Request, exc: HTTPException) -> JSONResponse:
         return error_response(exc.status_code, http_detail(req, exc), exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_req: Request, _exc: ClientDisconnect) -> JSONResponse:
+        # The client closed before sending its whole body: nobody reads this answer, and it is not a server fault.
+        return error_response(400, "body: the client disconnected before sending all of it")
 
     @app.exception_handler(Exception)
     async def _internal(_req: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ ownership and TTLs. The API layer decodes wire types into the arguments here and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from treadle.service.auth import Authenticator
 from treadle.service.checkpoints import Checkpoints
 from treadle.service.custom_losses import CustomLosses
 from treadle.service.futures import Outcome
+from treadle.service.limits import Admission, Limits
 from treadle.service.paths import CheckpointRef
 from treadle.service.sampling import Sampling
 from treadle.service.sessions import Sessions
@@ -38,8 +40,11 @@ class TinkerService:
         pool: WorkerPool,
         auth: Authenticator,
         codec: ResultCodec,
+        limits: Limits | None = None,
     ) -> None:
         self.auth = auth
+        self.admission = Admission(limits or Limits())
+        self._releases: set[asyncio.Task[None]] = set()
         state = ServiceState(cfg, store, pool, codec)
         self._state = state
         self.cfg = state.cfg
@@ -67,6 +72,8 @@ class TinkerService:
 
     # ---- sessions --------------------------------------------------------------------------------------
     def create_session(self, owner: str, tags: list[str], user_metadata: dict[str, Any]) -> str:
+        cap = self.admission.limits.max_sessions_per_owner
+        self.admission.admit_session(len(self._sessions.list_sessions(owner, "active", cap, 0)))
         return self._sessions.create_session(owner, tags, user_metadata)
 
     def heartbeat(self, owner: str, session_id: str) -> None:
@@ -95,6 +102,7 @@ class TinkerService:
         lora: LoraConfig,
         user_metadata: dict[str, Any],
     ) -> tuple[str, str]:
+        self._admit_run(owner)
         return self._training.create_model(owner, session_id, model_seq_id, base_model, lora, user_metadata)
 
     def get_info(self, owner: str, model_id: str) -> dict[str, Any]:
@@ -173,6 +181,7 @@ class TinkerService:
         user_metadata: dict[str, Any] | None,
     ) -> tuple[str, str]:
         """Create-via-load (protocol §5.6): a new model `{session}:train:{seq}` from a checkpoint."""
+        self._admit_run(owner)
         return self._weights.load_weights_new(owner, session_id, model_seq_id, path, optimizer, user_metadata)
 
     def load_weights_into(self, owner: str, model_id: str, seq_id: int, path: str, optimizer: bool) -> str:
@@ -205,7 +214,30 @@ class TinkerService:
     async def sample(
         self, owner: str, sampler_id: str, seq_id: int, req: SampleRequest
     ) -> tuple[str, list[str]]:
-        return await self._sampling.sample(owner, sampler_id, seq_id, req)
+        tokens = max(1, int(req.num_samples)) * (len(req.prompt) + int(req.params.max_tokens))
+        self.admission.reserve_tokens(tokens)
+        try:
+            rid, seq_ids = await self._sampling.sample(owner, sampler_id, seq_id, req)
+        except BaseException:
+            self.admission.release_tokens(tokens)
+            raise
+        task = asyncio.create_task(self._release_when_done(rid, owner, tokens))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+        return rid, seq_ids
+
+    def _admit_run(self, owner: str) -> None:
+        self.admission.admit_run(sum(1 for m in self._state.models.values() if m.owner == owner))
+
+    async def _release_when_done(self, request_id: str, owner: str, tokens: int) -> None:
+        """Give a sampling request's tokens back once its future resolves (result, error or cancel)."""
+        try:
+            while await self.hub.wait(request_id, owner, 3600.0) is None:
+                await asyncio.sleep(0.1)  # pending in the DB but not held here: poll gently
+        except Exception:  # the future is gone: nothing holds its tokens any more
+            pass
+        finally:
+            self.admission.release_tokens(tokens)
 
     async def retrieve_futures(
         self, owner: str, sampler_id: str, prev_cursor: int, timeout_s: float
