@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-request-mb", type=float, default=None, help="largest request body accepted (default 256)"
     )
+    Limits.add_arguments(s)  # backpressure limits and the body timeout (treadle.service.limits)
     s.add_argument(
         "--image-dir",
         default=None,
