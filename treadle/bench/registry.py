@@ -9,4 +9,5 @@ BENCHMARKS: dict[str, str] = {
     "tenants": "treadle.bench.tenants:bench_tenants",
     "traces": "treadle.bench.traces:bench_traces",
     "rl": "treadle.rl.async_bench:bench_rl",
+    "custom_loss": "treadle.bench.custom_loss:bench_custom_loss",
 }
