@@ -65,6 +65,8 @@ def test_hook_delta_equals_the_per_row_formula_for_unsorted_decode_batches(model
     for key in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "lm_head"):
         got = hook.delta(key, x)
         assert got is not None
+        y = torch.randn_like(got)
+        assert torch.equal(hook.add_delta(key, x, y.clone()), y + got)  # the in-place path, bit for bit
         for b, aid in enumerate(ids):
             ad = bank._adapters[aid] if aid is not None else None
             if ad is None or key not in ad.weights:

@@ -98,6 +98,33 @@ def grouped_delta(grouping: Grouping, key: str, x: torch.Tensor) -> torch.Tensor
     return out if grouping.inverse is None else out.index_select(0, grouping.inverse)
 
 
+def grouped_add(grouping: Grouping, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`y + delta` with each segment's delta added into its own rows of y in place (no full-size delta).
+
+    Grouped rows: `y[s:e] += delta(x[s:e])` on contiguous views. Otherwise each segment gathers its rows of
+    x (input-sized) and `index_add_`s its delta into y at those rows. Autograd sees in-place adds, so the
+    backward of each is a slice of y's gradient: no scatter of a full-size tensor per adapter.
+    """
+    active = [s for s in grouping.segments if s.adapter is not None and key in s.adapter.weights]
+    if not active:
+        return y
+    n = x.shape[0]
+    for seg in active:
+        ad = seg.adapter
+        assert ad is not None
+        pair = ad.weights[key]
+        if seg.end - seg.start == n:
+            return y.add_(lora_delta(pair, ad.scale, x))
+        if grouping.perm is None:
+            y.narrow(0, seg.start, seg.end - seg.start).add_(
+                lora_delta(pair, ad.scale, x[seg.start : seg.end])
+            )
+        else:
+            rows = grouping.perm[seg.start : seg.end]
+            y.index_add_(0, rows, lora_delta(pair, ad.scale, x.index_select(0, rows)))
+    return y
+
+
 class GroupedLora:
     """A LoraHook for one batch: `slots[b]` indexes `adapters` (-1 = base model) for batch row b."""
 
@@ -108,6 +135,11 @@ class GroupedLora:
         self.device = device
         self.grouping = group_rows(slots, adapters, device)
         self._slot_B = torch.tensor(slots, dtype=torch.long, device=device)
+
+    def add_delta(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y + delta(key, x)` for `x` `(B, T, in)`, computed by adding into `y` (the base projection's fresh
+        output, which nothing else holds) in place."""
+        return grouped_add(self.grouping, key, x, y)
 
     def delta(self, key: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         if rows is None:

@@ -37,11 +37,13 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
         y = ops.current().linear(x, self.weight, self.bias)
-        if lora is not None:
-            d = lora.delta(self.key, x)
-            if d is not None:
-                y = y + d
-        return y
+        if lora is None:
+            return y
+        add = getattr(lora, "add_delta", None)  # grouped hooks add in place (see LoraHook)
+        if add is not None:
+            return add(self.key, x, y)
+        d = lora.delta(self.key, x)
+        return y if d is None else y + d
 
 
 class Attention(nn.Module):

@@ -14,6 +14,8 @@ class LoraHook(Protocol):
     `model.layers.3.mlp.experts.5.gate_proj`, `lm_head`). With `rows=None`, `x` is `(B, T, in)` and row b
     uses row b's adapter; otherwise `x` is `(N, in)` and `rows` `(N,)` gives each token's batch row.
     Returns the delta to add to the base projection, or None when no row's adapter touches `key`.
+    A hook may also define `add_delta(key, x, y) -> y + delta` for `(B, T, in)` inputs, adding into the
+    projection's fresh output `y` in place (no full-size delta); `Linear` uses it when present.
     """
 
     def delta(self, key: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor | None: ...
