@@ -77,7 +77,7 @@ def test_deploy_serve_trace_feedback(server: ServerProcess, trained: tuple[Any, 
     assert alice.post("/api/v1/deployments", json={"name": "helper", "model_path": v1}).status_code == 409
 
     client = OpenAI(base_url=server.base_url + "/v1", api_key=ALICE)
-    msgs = [{"role": "user", "content": "What is two plus two?"}]
+    msgs: Any = [{"role": "user", "content": "What is two plus two?"}]
     raw = client.chat.completions.with_raw_response.create(
         model="helper",
         messages=msgs,

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -69,13 +70,13 @@ def _checkpoints(server: ServerProcess) -> list[str]:
 
 
 def _ask(client: OpenAI, model: str, prompt: str, stream: bool) -> Served:
-    msgs = [{"role": "user", "content": prompt}]
+    msgs: Any = [{"role": "user", "content": prompt}]
     if not stream:
         raw = client.chat.completions.with_raw_response.create(
             model=model,
             messages=msgs,
             max_tokens=MAX_TOKENS,
-            temperature=0,  # type: ignore[arg-type]
+            temperature=0,
         )
         got = time.monotonic()
         out = raw.parse()
@@ -86,7 +87,7 @@ def _ask(client: OpenAI, model: str, prompt: str, stream: bool) -> Served:
         messages=msgs,
         max_tokens=MAX_TOKENS,
         temperature=0,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
     ) as raw:
         started = time.monotonic()
         version = int(raw.headers.get("X-Treadle-Deployment-Version", "0"))
