@@ -190,8 +190,27 @@ def main() -> None:
     p.add_argument("--last", type=int, default=2, help="final reward = mean of the last N rounds")
     p.add_argument("--out", type=Path, default=Path("results/deployed-loop.json"))
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument(
+        "--state-dir", type=Path, default=Path("/tmp/deployed-loop-state"), help="learner state files"
+    )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only combine these result files (seeds run in parallel)",
+    )
     args = p.parse_args()
-    state_dir = args.out.parent / "deployed-loop-state"
+    if args.merge:
+        merged = [json.loads(f.read_text()) for f in args.merge]
+        runs = [run for m in merged for run in m["runs"]]
+        out = {"config": merged[0]["config"], "summary": summarize(runs, args.last), "runs": runs}
+        args.out.write_text(json.dumps(out, indent=1))
+        print(json.dumps(out["summary"], indent=1))
+        if args.plot:
+            plot(runs, args.plot, args.gate_tolerance)
+        return
+    state_dir = args.state_dir
     runs = []
     for seed in args.seeds:
         runs.append(run_seed(args, seed, state_dir))

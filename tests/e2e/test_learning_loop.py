@@ -13,9 +13,11 @@ import pytest
 from openai import OpenAI
 
 from tests.e2e.conftest import API_KEY, ServerProcess
+from treadle.errors import UserError
 from treadle.learn.config import LearnConfig
 from treadle.learn.learner import Learner
 from treadle.learn.rest import DeploymentsClient
+from treadle.learn.rewards import make_reward_fn
 from treadle.learn.simulate import UserPopulation
 
 pytestmark = pytest.mark.slow
@@ -90,7 +92,8 @@ def test_learner_promotes_rolls_back_and_rejects_without_touching_what_is_served
     learner.cfg.gate_tolerance = 0.01
     d3 = learner.run_cycle()
     assert d3.kind == "reject", d3
-    assert d3.numbers["gate"] < d3.numbers["live_gate"] - 0.01
+    cand, live = d3.numbers["gate"], d3.numbers["live_gate"]
+    assert isinstance(cand, float) and isinstance(live, float) and cand < live - 0.01
     assert rest.get_deployment(name)["version"] == 3
     assert {i.version for i in users.round(2)} == {3}
 
@@ -101,4 +104,24 @@ def test_learner_promotes_rolls_back_and_rejects_without_touching_what_is_served
     for kind in ("start", "promote", "rollback", "reject"):
         assert kind in out
     users.close()
+    rest.close()
+
+
+def test_reward_model_is_a_deployment_on_the_same_server(tinker_server: ServerProcess) -> None:
+    rest = DeploymentsClient(tinker_server.base_url, API_KEY)
+    base = _base_model(tinker_server)
+    judge, agent = f"judge-{uuid.uuid4().hex[:8]}", f"agent-{uuid.uuid4().hex[:8]}"
+    rest.create_deployment(judge, base)
+    rest.create_deployment(agent, base)
+    client = OpenAI(base_url=f"{tinker_server.base_url}/v1", api_key=API_KEY)
+    reply = client.chat.completions.create(
+        model=agent, messages=[{"role": "user", "content": "Capital of Peru?"}], max_tokens=4
+    )
+    score = make_reward_fn(f"model:{judge}", tinker_server.base_url, API_KEY)(rest.get_trace(reply.id))
+    assert score is None or 0.0 <= score <= 1.0  # a random tiny judge may not answer with a number
+    (asked,), _ = rest.list_traces(judge)
+    assert "Capital of Peru?" in asked["request"]["messages"][0]["content"]
+    assert asked["request"]["messages"][0]["content"].startswith("Rate how well")
+    with pytest.raises(UserError, match="reward: the reward model deployment 'missing'"):
+        make_reward_fn("model:missing", tinker_server.base_url, API_KEY)(rest.get_trace(reply.id))
     rest.close()
