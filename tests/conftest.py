@@ -1,7 +1,8 @@
 """Shared test fixtures: tiny random-init model directories and the embedded default model.
 
 Fixture names are a stable API for every test module: `tiny_model_dir` (llama), `tiny_model_dirs`
-(family → dir), `embedded_model` (a `LoadedModel` of the default model), `treadle_cache_dir`.
+(family → dir), `tiny_vl_dirs` (Qwen3-VL family → dir), `embedded_model` (a `LoadedModel` of the default
+model), `treadle_cache_dir`.
 
 Without `$TREADLE_CACHE_DIR` the session converts into a temp dir and points the Hugging Face cache at a temp
 dir too, so tests never touch the user's caches; export `TREADLE_CACHE_DIR` to reuse one conversion across runs.
@@ -73,6 +74,17 @@ def tiny_model_dirs(_tiny_root: Path) -> dict[str, Path]:
     from treadle.models.tiny import TINY_FAMILIES
 
     return {f: _tiny(_tiny_root, f) for f in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_dirs(_tiny_root: Path) -> dict[str, Path]:
+    """family → tiny Qwen3-VL checkpoint dir ("qwen3_vl", "qwen3_vl_moe"; seed 0) with tokenizer and processor."""
+    from treadle.models.tiny_vl import TINY_VL_FAMILIES, write_tiny_vl_model
+
+    return {
+        f: _TINY.get(f) or _TINY.setdefault(f, write_tiny_vl_model(_tiny_root / f, f))
+        for f in TINY_VL_FAMILIES
+    }
 
 
 @pytest.fixture(scope="session")

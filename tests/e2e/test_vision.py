@@ -21,14 +21,13 @@ from PIL import Image
 from tinker import types
 
 from tests.e2e.conftest import API_KEY, ServerProcess
-from treadle.models.tiny_vl import write_tiny_vl_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_vl_model(tmp_path_factory.mktemp("tiny-vl") / "qwen3_vl", "qwen3_vl")
+def vl_dir(tiny_vl_dirs: dict[str, Path]) -> Path:
+    return tiny_vl_dirs["qwen3_vl"]
 
 
 @pytest.fixture(scope="module")

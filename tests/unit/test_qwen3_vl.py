@@ -21,13 +21,12 @@ from treadle.models.image_processor import (
 )
 from treadle.models.loader import load_model
 from treadle.models.qwen3_vl import ImageSpan, Qwen3VLForCausalLM, mrope_positions
-from treadle.models.tiny_vl import PREPROCESSOR_CONFIG, write_tiny_vl_model
+from treadle.models.tiny_vl import PREPROCESSOR_CONFIG
 
 
 @pytest.fixture(scope="module")
-def vl_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-vl")
-    return {f: write_tiny_vl_model(root / f, f) for f in ("qwen3_vl", "qwen3_vl_moe")}
+def vl_dirs(tiny_vl_dirs: dict[str, Path]) -> dict[str, Path]:
+    return tiny_vl_dirs
 
 
 def _png(w: int, h: int, seed: int = 0) -> bytes:

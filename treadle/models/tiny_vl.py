@@ -5,6 +5,7 @@ plus the Qwen vision tokens) and a hand-built image-processor config, so vision 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +52,27 @@ PREPROCESSOR_CONFIG: dict[str, Any] = {
 }
 
 
+_WRITTEN: dict[str, tuple[Path, list[str], int]] = {}  # the tokenizer is built once per process, then copied
+
+
 def _write_tokenizer(out: Path) -> int:
     """SmolLM2's tokenizer with the Qwen vision tokens added as special tokens; returns the new vocabulary size."""
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
+    done = _WRITTEN.get("tokenizer")
+    if done is not None and all((done[0] / f).is_file() for f in done[1]):
+        for f in done[1]:
+            shutil.copy2(done[0] / f, out / f)
+        return done[2]
+    before = {p.name for p in out.iterdir()}
     tok: Any = AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
     tok.add_tokens(
         [AddedToken(t, special=True, normalized=False) for t in VISION_TOKENS], special_tokens=True
     )
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(out))
+    _WRITTEN["tokenizer"] = (out, sorted({p.name for p in out.iterdir()} - before), len(tok))
     return len(tok)
 
 
