@@ -7,6 +7,7 @@ BENCHMARKS: dict[str, str] = {
     "api": "treadle.bench.api:bench_api",
     "determinism": "treadle.bench.determinism:bench_determinism",
     "tenants": "treadle.bench.tenants:bench_tenants",
+    "tenants-api": "treadle.bench.tenants_api:bench_tenants_api",
     "traces": "treadle.bench.traces:bench_traces",
     "rl": "treadle.rl.async_bench:bench_rl",
     "custom_loss": "treadle.bench.custom_loss:bench_custom_loss",
