@@ -146,11 +146,11 @@ def bench_tenants_api(model: str, *, quick: bool = False) -> tuple[list[Row], di
 
     from treadle.client_threads import limit_client_threads
 
-    limit_client_threads()  # this process is a client here: it must not compete with the server
     repeat = 2 if quick else 3
     with tempfile.TemporaryDirectory() as data_dir:
-        proc, url = _start_server(model, data_dir)
+        proc, url = _start_server(model, data_dir)  # started first: it must not inherit the client's cap
         try:
+            limit_client_threads()  # this process is a client here: it must not compete with the server
             service = tinker.ServiceClient(
                 base_url=url, api_key=os.environ.get("TINKER_API_KEY", "tml-bench")
             )
