@@ -29,6 +29,15 @@ FAILED_PARSE_REWARD = 0.0
 CONTEXT_OVERFLOW_REWARD = 0.0
 
 
+class _EventLoopRenderEnv(EnvFromMessageEnv):
+    """The cookbook renders each prompt in a worker thread; every env of a run shares one Hugging Face fast
+    tokenizer, which raises `RuntimeError: Already borrowed` when two threads use it at once (seen with 16
+    concurrent rollouts). Rendering on the event loop keeps all tokenizer use on one thread; it is cheap."""
+
+    async def _render_in_thread(self, messages: Any, **kwargs: Any) -> Any:
+        return self.renderer.build_generation_prompt(messages, **kwargs)
+
+
 @dataclass(frozen=True)
 class TaskGroupBuilder(EnvGroupBuilder):
     """`group_size` rollouts of one task (GRPO centres rewards within the group)."""
@@ -47,7 +56,7 @@ class TaskGroupBuilder(EnvGroupBuilder):
         # kept (outside the dataclass fields) so cleanup() can close episodes the cookbook ended early
         object.__setattr__(self, "_made", [*getattr(self, "_made", []), *message_envs])
         return [
-            EnvFromMessageEnv(
+            _EventLoopRenderEnv(
                 renderer=self.renderer,
                 message_env=message_env,
                 failed_parse_reward=FAILED_PARSE_REWARD,
