@@ -211,6 +211,9 @@ def test_vlm_classifier_recipe_two_steps(vl_server: ServerProcess, vl_dir: Path,
     steps = [r for r in rows if "train_mean_nll" in r]
     assert [r["step"] for r in steps] == [0, 1], rows
     assert all(np.isfinite(r["train_mean_nll"]) for r in steps)
+    assert "accuracy" in steps[0]  # the recipe's sampling evaluator classified the test images at step 0
+    final = json.loads(next((tmp_path / "exp").glob("*/checkpoints.jsonl")).read_text().splitlines()[-1])
+    assert str(final["sampler_path"]).startswith("tinker://")
 
 
 def test_openai_chat_image_url(vl_server: ServerProcess, tinker_server: ServerProcess) -> None:

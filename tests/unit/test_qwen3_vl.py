@@ -72,6 +72,9 @@ def test_logits_match_transformers_with_images(vl_dirs: dict[str, Path], family:
     d = vl_dirs[family]
     model = load_model(str(d)).model
     assert isinstance(model, Qwen3VLForCausalLM)
+    # LoRA adapts the language model only; the vision tower and projector stay frozen
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(t.key.startswith(("model.layers.", "lm_head")) for t in model.lora_targets())
     hf = AutoModelForImageTextToText.from_pretrained(str(d), dtype=torch.float32).eval()
     cfg = ImageProcessorConfig.from_dir(d)
     images = [_png(100, 60, 0), _png(64, 64, 1)]
