@@ -19,6 +19,14 @@ from treadle.models.tiny import write_tiny_model
 API_KEY = "tml-e2e"
 
 
+def _die_with_parent() -> None:
+    """Runs in the server child before exec: the kernel sends it SIGKILL when the test process dies, so an
+    interrupted or killed test run leaves no server behind (prctl PR_SET_PDEATHSIG, Linux)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,7 +60,9 @@ class ServerProcess:
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
