@@ -14,10 +14,13 @@ exactly those traces (train → gate → promote or reject). Round 0 is served b
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import statistics
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,19 @@ def _round_record(r: int, inter: list[Interaction], secs: float) -> dict[str, An
         "serve_s": secs,
         "examples": [{"q": i.question, "a": i.answer, "reward": i.reward} for i in inter[:3]],
     }
+
+
+@contextlib.contextmanager
+def _one_learner_at_a_time(state_dir: Path) -> Iterator[None]:
+    """Seeds run as parallel processes share one CPU server: their serving rounds overlap, but one learner
+    cycle at a time keeps the server's peak training memory to one batch (big-vocabulary logits)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "cycle.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_seed(args: argparse.Namespace, seed: int, state_dir: Path) -> dict[str, Any]:
@@ -83,7 +99,8 @@ def run_seed(args: argparse.Namespace, seed: int, state_dir: Path) -> dict[str, 
         rec = _round_record(r, users.round(args.requests), time.monotonic() - t0)
         if r < args.rounds:
             t1 = time.monotonic()
-            d = learner.run_cycle()
+            with _one_learner_at_a_time(state_dir):
+                d = learner.run_cycle()
             rec["decision"] = {"kind": d.kind, "version": d.version, "reason": d.reason, **d.numbers}
             rec["learn_s"] = time.monotonic() - t1
         print(
@@ -93,9 +110,17 @@ def run_seed(args: argparse.Namespace, seed: int, state_dir: Path) -> dict[str, 
             flush=True,
         )
         rounds.append(rec)
+        if args.out:  # after every round, so a stopped run still leaves its rounds
+            partial = {"seed": seed, "deployment": name, "rounds": rounds, "partial": True}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"config": _jsonable(args), "runs": [partial]}, indent=1))
     users.close()
     rest.close()
     return {"seed": seed, "deployment": name, "rounds": rounds, "seconds": time.monotonic() - t_seed}
+
+
+def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def summarize(runs: list[dict[str, Any]], last: int) -> dict[str, Any]:
@@ -216,8 +241,9 @@ def main() -> None:
         runs.append(run_seed(args, seed, state_dir))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         summary = summarize(runs, args.last)
-        cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        args.out.write_text(json.dumps({"config": cfg, "summary": summary, "runs": runs}, indent=1))
+        args.out.write_text(
+            json.dumps({"config": _jsonable(args), "summary": summary, "runs": runs}, indent=1)
+        )
     print(json.dumps(summarize(runs, args.last), indent=1))
     if args.plot:
         plot(runs, args.plot, args.gate_tolerance)
