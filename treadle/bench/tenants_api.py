@@ -50,7 +50,9 @@ def _step(tc: Any, data: list[Any], types: Any) -> None:
 
 
 def _tenants(service: Any, model: str, types: Any, repeat: int) -> tuple[float, float]:
-    clients = [service.create_lora_training_client(base_model=model, rank=16) for _ in range(N_CLIENTS)]
+    clients = [
+        service.create_lora_training_client(base_model=model, rank=16).result() for _ in range(N_CLIENTS)
+    ]
     data = [_batch(types, 1, 32, seed=i) for i in range(N_CLIENTS)]
 
     def concurrent() -> None:
@@ -75,7 +77,7 @@ def _tenants(service: Any, model: str, types: Any, repeat: int) -> tuple[float, 
 
 
 def _latency(service: Any, model: str, types: Any, rows: int, repeat: int) -> float:
-    tc = service.create_lora_training_client(base_model=model, rank=16)
+    tc = service.create_lora_training_client(base_model=model, rank=16).result()
     data = _batch(types, rows, STEP_TOKENS, seed=99)
     _step(tc, data, types)
     times = []
@@ -106,7 +108,7 @@ _CLIENT = textwrap.dedent(
             "weights": types.TensorData.from_numpy(np.ones(len(t) - 1, dtype=np.float32))})
     data = [datum([int(x) for x in rng.integers(100, 40000, seq + 1)]) for _ in range(rows)]
     tc = tinker.ServiceClient(base_url=url, api_key="tml-bench").create_lora_training_client(
-        base_model=model, rank=16)
+        base_model=model, rank=16).result()
     a = torch.randn(384, 384)
     spent = 0.0
     for i in range(steps + 1):
