@@ -3,7 +3,8 @@ session that created it, and resolve `forward_backward(data, "custom", {"loss_id
 
 Losses live in memory for the server process, like the loaded models that use them: a LossHandle is only good
 within its session, and after a restart that session's models must be loaded again anyway. A session keeps at
-most `MAX_PER_SESSION` losses (the SDK creates each distinct loss once per session).
+most `MAX_PER_SESSION` losses (the SDK creates each distinct loss once per session); the losses of sessions that
+have ended are dropped when the next loss is created.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class CustomLosses:
             try:
                 loss = build(name, inputs, graph)
                 with self._lock:
+                    self._forget_ended_sessions(session_id)
                     count = sum(1 for x in self._losses.values() if x.session_id == session_id)
                     if count >= MAX_PER_SESSION and loss_id not in self._losses:
                         raise UserError(
@@ -64,6 +66,13 @@ class CustomLosses:
             done({"loss_id": loss_id, "type": "create_custom_loss"})
 
         return s.submit(owner, "create_custom_loss", f"custom_loss:{loss_id}", run)
+
+    def _forget_ended_sessions(self, current: str) -> None:
+        """Drop the losses of sessions that are no longer active (finished or expired): no op can use them."""
+        for sid in {x.session_id for x in self._losses.values()} - {current}:
+            row = self.s.store.get_session(sid)
+            if row is None or row.status != "active":
+                self._losses = {k: v for k, v in self._losses.items() if v.session_id != sid}
 
     def resolve(self, owner: str, model_id: str, loss_fn_config: dict[str, Any]) -> CustomLoss:
         """The loss `loss_fn_config["loss_id"]` names, if this model's session created it."""
