@@ -179,3 +179,23 @@ def test_datum_validation_names_the_input() -> None:
     with pytest.raises(UserError, match="target_tokens"):
         loss.validate({"target_tokens": torch.zeros(4, 2, dtype=torch.long), "weights": torch.ones(4)}, 4, 10)
     loss.validate({"target_tokens": targets, "weights": torch.ones(4)}, 4, 10)
+
+
+def test_to_changes_only_the_dtype() -> None:
+    to_cuda = _with_node({"op": "call_method", "name": "x", "target": "to", "args": [{"ref": "s"}, "cuda"]})
+    with pytest.raises(UserError, match="may only change the dtype"):
+        build(**to_cuda)
+    to_f64 = _with_node(
+        {"op": "call_method", "name": "x", "target": "to", "args": [{"ref": "s"}, {"dtype": "float64"}]}
+    )
+    build(**to_f64)
+
+
+def test_outer_broadcast_is_refused_before_it_is_computed() -> None:
+    def outer(logprobs):  # noqa: ANN001, ANN202 - [T, 1] * [1, T]: T² elements
+        return (logprobs.unsqueeze(1) * logprobs.unsqueeze(0)).sum(), {}
+
+    _, up = _upload(outer, {"logprobs": 1})
+    loss = build(up["name"], up["inputs"], up["graph"])  # fine on the small dry-run shapes
+    with pytest.raises(UserError, match="would broadcast to 9000000 elements"):
+        loss.compute(torch.zeros(3000), {})

@@ -105,7 +105,7 @@ METHODS = frozenset(
         "expand", "expand_as", "expm1", "flatten", "float", "gather", "log", "log1p", "log_softmax",
         "logsumexp", "masked_fill", "max", "mean", "min", "mul", "neg", "numel", "pow", "reciprocal", "relu",
         "reshape", "rsqrt", "sigmoid", "sign", "size", "softmax", "sqrt", "square", "squeeze", "sub", "sum",
-        "t", "tanh", "transpose", "type_as", "unsqueeze", "view", "where",
+        "t", "tanh", "to", "transpose", "type_as", "unsqueeze", "view", "where",
     }
 )  # fmt: skip
 

@@ -14,6 +14,8 @@ import math
 import re
 from typing import Any
 
+import torch
+
 from treadle.engine.custom_loss import allowed
 from treadle.errors import UserError
 
@@ -173,6 +175,9 @@ def _check_call(op: str, target: str, args: tuple[Any, ...], field: str) -> None
         )
     if not args or not isinstance(args[0], Ref):
         raise _fail(field, f"method {target!r} must be called on a node's tensor")
+    if target == "to" and not all(isinstance(a, torch.dtype) for a in args[1:]):
+        # .to(dtype) only: a device (even as a string like "cuda") or another tensor would move data
+        raise _fail(field, "method 'to' may only change the dtype, e.g. x.to(torch.float32)")
 
 
 def _check_output(args: tuple[Any, ...], field: str) -> tuple[Ref, dict[str, Ref]]:

@@ -176,11 +176,28 @@ def _call(loss_name: str, node: Node, env: dict[str, Any], limit: int) -> Any:
         if not isinstance(self_, torch.Tensor):
             raise UserError(f"{where}: method {node.target!r} must be called on a tensor", field="loss_fn")
         fn = getattr(torch.Tensor, node.target)  # node.target is on allowed.METHODS (checked when decoded)
+    _check_broadcast(where, [*args, *kwargs.values()], limit)
     try:
         out = fn(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError) as e:
         raise UserError(f"{where} failed: {e}", field="loss_fn") from None
     return _bounded(where, out, limit)
+
+
+def _check_broadcast(where: str, operands: list[Any], limit: int) -> None:
+    """Refuse before computing an elementwise op whose broadcast result would pass the limit ([T, 1] * [1, T])."""
+    shapes = [tuple(a.shape) for a in operands if isinstance(a, torch.Tensor)]
+    if len(shapes) < 2:
+        return
+    try:
+        n = torch.broadcast_shapes(*shapes).numel()
+    except RuntimeError:
+        return  # not an elementwise op over these shapes (e.g. gather): the op itself decides
+    if n > limit:
+        raise UserError(
+            f"{where}: would broadcast to {n} elements; a custom loss node is limited to {limit}",
+            field="loss_fn",
+        )
 
 
 def _check_arithmetic(where: str, target: str, args: list[Any]) -> None:
