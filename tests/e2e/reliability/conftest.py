@@ -31,6 +31,7 @@ class World:
     run_id: str
     weights_path: str
     sampler_path: str
+    external_path: str
     sampler_id: str
     request_id: str
 
@@ -42,7 +43,7 @@ class World:
             "run_id": [self.run_id],
             "sampler_id": [self.sampler_id],
             "request_id": [self.request_id],
-            "tinker_path": [self.weights_path, self.sampler_path],
+            "tinker_path": [self.weights_path, self.sampler_path, self.external_path],
             "kind": [kind, "sampler_weights", "bogus"],
             "name": [name, self.sampler_path.split("/")[-1], "ckpt0"],
             "token": ["1.abc", "9999999999.AAAAAAAAAAAAAAAAAAAAAAAA"],
@@ -64,6 +65,7 @@ def build_world(server: ServerProcess, key: str) -> World:
     tc.forward_backward([datum()], "cross_entropy").result()
     weights = tc.save_state("fuzz-weights").result().path
     sampler = tc.save_weights_for_sampler("fuzz-sampler").result().path
+    external = tc.save_weights_external("fuzz-external").result().path
     session_id = tc.model_id.rsplit(":train:", 1)[0]
     # The sampler and a finished future's id come from plain HTTP: the SDK keeps them private.
     head = {"X-API-Key": key}
@@ -83,7 +85,9 @@ def build_world(server: ServerProcess, key: str) -> World:
     httpx.post(
         f"{server.base_url}/api/v1/retrieve_future", json={"request_id": request_id}, headers=head, timeout=60
     ).raise_for_status()
-    return World(key, session_id, tc.model_id, tc.model_id, weights, sampler, sampler_id, request_id)
+    return World(
+        key, session_id, tc.model_id, tc.model_id, weights, sampler, external, sampler_id, request_id
+    )
 
 
 @pytest.fixture(scope="session")
