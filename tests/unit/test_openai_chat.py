@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from treadle.api.openai.chat import end_of_turn_ids, parse_tool_calls, render_chat, supports_tools
+from treadle.api.openai.images import chat_images
 from treadle.api.openai.schemas import Message, Tool
 from treadle.errors import UserError
 
@@ -78,12 +79,17 @@ def test_developer_role_and_text_parts(smol_tokenizer):
 
 
 def test_non_text_parts_and_missing_content_name_the_field(smol_tokenizer):
+    audio = Message.model_validate({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]})
+    with pytest.raises(UserError) as e:
+        render_chat(smol_tokenizer, [audio], None)
+    assert e.value.field == "messages[0].content[0].type"
+    # image_url parts take data URLs only (api/openai/images.py); the server fetches nothing
     img = Message.model_validate(
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
     )
     with pytest.raises(UserError) as e:
-        render_chat(smol_tokenizer, [img], None)
-    assert e.value.field == "messages[0].content[0].type"
+        chat_images([img])
+    assert e.value.field == "messages[0].content[0].image_url.url"
     with pytest.raises(UserError) as e:
         render_chat(smol_tokenizer, [_user("a"), Message(role="user")], None)
     assert e.value.field == "messages[1].content"

@@ -288,7 +288,7 @@ def _error(resp: Any) -> dict[str, Any]:
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-            "messages[0].content[0].type",
+            "messages[0].content[0].image_url.url",
         ),
     ],
 )
