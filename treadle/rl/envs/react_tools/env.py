@@ -35,7 +35,9 @@ TOOL_OUTPUT_CHARS = 600
 SYSTEM_PROMPT = (
     "Solve the word problem. You can use tools: <calc>EXPRESSION</calc> evaluates arithmetic, and "
     "<python>CODE</python> runs Python and shows what it prints. When you know the result, reply "
-    "'Answer: NUMBER'."
+    "'Answer: NUMBER'.\n"
+    "Example: for '3 boxes hold 4 pens each. How many pens?' reply <calc>3*4</calc>, read 'Output: 12', "
+    "then reply Answer: 12"
 )
 _TOOL = re.compile(r"<(python|calc)>(.*?)</\1>", re.S | re.I)
 _OPEN_TAG = re.compile(r"<(python|calc)>", re.I)

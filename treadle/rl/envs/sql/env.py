@@ -40,7 +40,8 @@ GRADE_MAX_ROWS = 10_000
 SYSTEM_PROMPT = (
     "You answer questions about a SQLite database by writing SQL. To run a query and see its result, write "
     "<sql>SELECT ...</sql>. When your query is right, submit it as <answer>SELECT ...</answer>. "
-    "Only single SELECT statements are allowed."
+    "Only single SELECT statements are allowed.\n"
+    "Example: for 'How many pets are there?' reply <answer>SELECT COUNT(*) FROM pets</answer>"
 )
 _SQL = re.compile(r"<sql>(.*?)</sql>", re.S | re.I)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)

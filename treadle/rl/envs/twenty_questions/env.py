@@ -36,7 +36,8 @@ FORMAT_PENALTY = -0.1
 
 SYSTEM_PROMPT = (
     "We play 20 Questions. I am thinking of one creature from the list below. Ask about one attribute per turn, "
-    "like 'Question: is the color red?'. I answer Yes or No. When you know it, write 'Guess: NAME'. "
+    "like 'Question: is the color red?'. I answer Yes or No. When you know it, write 'Guess: NAME', "
+    "like 'Guess: Vopa'. "
     "A wrong guess ends the game."
 )
 
