@@ -15,7 +15,12 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Command groups that live beside the code they drive; each module has `register(subparsers)` and must
 # import nothing heavy at module level (so `treadle --help` stays fast).
-_COMMAND_MODULES: tuple[str, ...] = ("treadle.rl.cli", "treadle.learn.cli", "treadle.deploy_cli", "treadle.keys_cli")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "treadle.rl.cli",
+    "treadle.learn.cli",
+    "treadle.deploy_cli",
+    "treadle.keys_cli",
+)
 
 
 def _serve(args: argparse.Namespace) -> int:

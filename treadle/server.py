@@ -221,7 +221,8 @@ def serve(config: ServerConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = build_app(config)
     url = f"http://{config.host}:{config.port}"
-    key = config.api_keys[0] if config.api_keys else "tml-local"
+    # Never print a real key (issue 11: keys are not logged); in closed mode the user has theirs.
+    key = "<one of your API keys>" if config.api_keys or config.api_keys_file else "tml-local"
     print(f"treadle serving on {url}", flush=True)
     print(f"models: {', '.join(config.model_names())}", flush=True)
     print(f"data dir: {config.data_dir}", flush=True)

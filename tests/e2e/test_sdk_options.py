@@ -86,6 +86,9 @@ def test_target_prompt_logprobs_dense_and_sparse(
             target_prompt_logprobs=target,
         ).result()
         assert res.target_prompt_logprobs is not None
+        # answered in the request's layout: sparse in, sparse out (the listed cells only)
+        sent_sparse = target.sparse_crow_indices is not None
+        assert (res.target_prompt_logprobs.sparse_crow_indices is not None) == sent_sparse
         got = res.target_prompt_logprobs.to_torch().numpy()
         assert got.shape == (n, 3)
         np.testing.assert_allclose(got, want, atol=1e-4)

@@ -110,6 +110,7 @@ class SampleRequest:
     prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens (None: all)
     prompt_alt_tokens_k: int = 0  # k draws at the request's temperature at each prompt position but the first
     target_prompt_logprobs: torch.Tensor | None = None  # int64 [len(prompt) - 1, K]: ids to score; -1 = none
+    target_prompt_sparse: bool = False  # it came as sparse CSR: the answer goes back in the same layout
     images: list[ImageInput] = dataclasses.field(default_factory=list)  # not yet expanded into `prompt`
     spans: list[ImageSpan] = dataclasses.field(default_factory=list)  # expanded images (placeholders in prompt)
 

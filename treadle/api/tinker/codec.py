@@ -182,6 +182,24 @@ def target_ids(raw: object) -> torch.Tensor | None:
         raise UserError(f"{field}: data does not match shape {shape} ({e})", field=field) from e
 
 
+def is_sparse(raw: object) -> bool:
+    return isinstance(raw, dict) and raw.get("sparse_crow_indices") is not None
+
+
+def _sparse_like(values_R_K: torch.Tensor, ids_R_K: torch.Tensor) -> pb.Tensor:
+    """`values` as float32 sparse CSR listing exactly the cells the request asked for (ids ≥ 0)."""
+    mask = ids_R_K >= 0
+    crow = torch.zeros(mask.shape[0] + 1, dtype=torch.int64)
+    crow[1:] = mask.sum(1).cumsum(0)
+    rows, cols = mask.nonzero(as_tuple=True)
+    csr = pb.SparseCsr(
+        values=values_R_K[rows, cols].float().numpy().tobytes(),
+        crow_indices=crow.numpy().tobytes(),
+        col_indices=cols.to(torch.int64).numpy().tobytes(),
+    )
+    return pb.Tensor(sparse_csr=csr, dtype=pb.DTYPE_FLOAT32, shape=list(values_R_K.shape))
+
+
 def _dense(t: torch.Tensor, dtype: Any) -> pb.Tensor:
     np_dtype = np.float32 if dtype == pb.DTYPE_FLOAT32 else np.int64
     return pb.Tensor(
@@ -220,7 +238,11 @@ def encode_sample(res: SampleResult, req: SampleRequest) -> Outcome:
     if k > 0 and res.topk_prompt_logprobs is not None:
         _topk_matrix(res.topk_prompt_logprobs, k, out.topk_prompt_logprobs)
     if res.target_prompt_logprobs is not None:
-        out.target_prompt_logprobs.CopyFrom(_dense(res.target_prompt_logprobs, pb.DTYPE_FLOAT32))
+        ids = req.target_prompt_logprobs
+        if req.target_prompt_sparse and ids is not None:
+            out.target_prompt_logprobs.CopyFrom(_sparse_like(res.target_prompt_logprobs, ids))
+        else:
+            out.target_prompt_logprobs.CopyFrom(_dense(res.target_prompt_logprobs, pb.DTYPE_FLOAT32))
     if res.prompt_alt_tokens is not None:
         ids_t, lps_t = res.prompt_alt_tokens
         out.prompt_alt_tokens.tokens.CopyFrom(_dense(ids_t, pb.DTYPE_INT64))

@@ -51,6 +51,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
             prompt_logprobs_last_n=f.get("prompt_logprobs_last_n", int, None),
             prompt_alt_tokens_k=f.get("prompt_alt_tokens_k", int, 0),
             target_prompt_logprobs=codec.target_ids(f.raw.get("target_prompt_logprobs")),
+            target_prompt_sparse=codec.is_sparse(f.raw.get("target_prompt_logprobs")),
         )
         if req.topk_prompt_logprobs:
             req.prompt_logprobs = True
