@@ -22,6 +22,7 @@ import torch
 
 from treadle import ops
 from treadle.lora.adapter import Adapter, LoraPair
+from treadle.lora.grouped_fn import SegmentRows, grouped_lora_add
 
 
 def lora_delta(pair: LoraPair, scale: float, x: torch.Tensor) -> torch.Tensor:
@@ -99,30 +100,25 @@ def grouped_delta(grouping: Grouping, key: str, x: torch.Tensor) -> torch.Tensor
 
 
 def grouped_add(grouping: Grouping, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`y + delta` with each segment's delta added into its own rows of y in place (no full-size delta).
+    """`y + delta`, each segment's delta added into its own rows of y in place (no full-size delta).
 
-    Grouped rows: `y[s:e] += delta(x[s:e])` on contiguous views. Otherwise each segment gathers its rows of
-    x (input-sized) and `index_add_`s its delta into y at those rows. Autograd sees in-place adds, so the
-    backward of each is a slice of y's gradient: no scatter of a full-size tensor per adapter.
+    Grouped rows use contiguous runs; otherwise each segment works on its row index list (`index_select` of
+    x, `index_add_` into y). One autograd Function does it all, with a backward that passes y's gradient
+    through and reads each segment's rows of it once (see `grouped_fn`).
     """
-    active = [s for s in grouping.segments if s.adapter is not None and key in s.adapter.weights]
-    if not active:
-        return y
-    n = x.shape[0]
-    for seg in active:
+    segments: list[SegmentRows] = []
+    weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for seg in grouping.segments:
         ad = seg.adapter
-        assert ad is not None
+        if ad is None or key not in ad.weights:
+            continue
+        index = None if grouping.perm is None else grouping.perm[seg.start : seg.end]
+        segments.append(SegmentRows(seg.start, seg.end - seg.start, index, ad.scale))
         pair = ad.weights[key]
-        if seg.end - seg.start == n:
-            return y.add_(lora_delta(pair, ad.scale, x))
-        if grouping.perm is None:
-            y.narrow(0, seg.start, seg.end - seg.start).add_(
-                lora_delta(pair, ad.scale, x[seg.start : seg.end])
-            )
-        else:
-            rows = grouping.perm[seg.start : seg.end]
-            y.index_add_(0, rows, lora_delta(pair, ad.scale, x.index_select(0, rows)))
-    return y
+        weights.append((pair.a_R_In, pair.b_Out_R))
+    if not segments:
+        return y
+    return grouped_lora_add(y, x, segments, weights)
 
 
 class GroupedLora:
