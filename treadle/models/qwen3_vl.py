@@ -20,7 +20,9 @@ from treadle.models.config import ModelConfig
 from treadle.models.hooks import KVCacheHook, LoraHook
 from treadle.models.vision import VisionConfig, VisionTower
 
-FEATURE_CACHE_IMAGES = 64  # vision features of recent images, by content key (the tower is frozen)
+# Vision features of recent images, by content key (the tower is frozen, so they never change): a training loop
+# that revisits an image, or the samples and re-scoring of one prompt, run the tower once. Bounded in bytes.
+FEATURE_CACHE_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,10 @@ def mrope_cos_sin(
     return emb.cos(), emb.sin()
 
 
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class Qwen3VLForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -97,6 +103,7 @@ class Qwen3VLForCausalLM(CausalLM):
         self.vision_config = VisionConfig.from_dict(cfg.vision)
         self.visual = VisionTower(self.vision_config)
         self._features: collections.OrderedDict[str, list[torch.Tensor]] = collections.OrderedDict()
+        self._feature_bytes = 0
 
     def image_features(self, span: ImageSpan) -> list[torch.Tensor]:
         """[merged (n, D), deepstack_0 (n, D), …] for one image, cached by content key."""
@@ -107,8 +114,9 @@ class Qwen3VLForCausalLM(CausalLM):
         dev = self.visual.pos_embed.weight.device
         feats = self.visual(span.pixels.to(dev), span.grid_thw)
         self._features[span.key] = feats
-        while len(self._features) > FEATURE_CACHE_IMAGES:
-            self._features.popitem(last=False)
+        self._feature_bytes += _nbytes(feats)
+        while self._feature_bytes > FEATURE_CACHE_BYTES and len(self._features) > 1:
+            self._feature_bytes -= _nbytes(self._features.popitem(last=False)[1])
         return feats
 
     def _visual_rows(
