@@ -71,9 +71,28 @@ def test_unknown_env_and_config_key_errors() -> None:
     with pytest.raises(UnknownEnvError, match="registered envs: .*twenty_questions"):
         get_env("chess")
     spec = get_env("twenty_questions")
-    with pytest.raises(ValueError, match="unknown config key 'levl'.*allowed: level, seed"):
+    with pytest.raises(ValueError, match="unknown config key .levl.*allowed: demo, level, seed"):
         spec.resolve_config({"levl": 1})
     with pytest.raises(ValueError, match="level='7': allowed values are 1, 2, 3, 4"):
         spec.resolve_config({"level": "7"})
     with pytest.raises(ValueError, match="seed='x': expected int"):
         spec.resolve_config({"seed": "x"})
+
+
+@pytest.mark.parametrize("name", env_names())
+def test_demo_option_prepends_a_solved_episode(name: str) -> None:
+    import asyncio
+
+    spec = get_env(name)
+    plain_config = spec.resolve_config({})
+    demo_config = spec.resolve_config({"demo": "1"})
+    task = spec.make_tasks("test", plain_config)[0]
+    plain = asyncio.run(spec.make_env(task, plain_config).initial_observation())
+    demo = asyncio.run(spec.make_env(task, demo_config).initial_observation())
+    assert demo[0] == plain[0] and demo[-1] == plain[-1]  # same system prompt and task
+    middle = demo[1:-1]
+    assert len(middle) >= 3 and any(m["role"] == "assistant" for m in middle)
+    assert str(middle[-1]["content"]).startswith("Correct")
+    # the demo's answer is what the env itself would grade as correct: its format is the env's format
+    results = play(spec.make_env(task, demo_config), [str(middle[-2]["content"])])
+    assert results[0].metrics.get("format_error", 0) == 0

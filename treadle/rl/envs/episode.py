@@ -39,10 +39,14 @@ class Turn:
 class TurnEnv(MessageEnv):
     """One episode of a text game: system + user prompt, then assistant turns answered by `respond`."""
 
-    def __init__(self, system_prompt: str, user_prompt: str, limits: EnvLimits) -> None:
+    def __init__(
+        self, system_prompt: str, user_prompt: str, limits: EnvLimits, demo: list[Message] | None = None
+    ) -> None:
         self.limits = limits
+        # `demo`: a solved example episode shown before the task (the `demo=1` curriculum aid for small models)
         self.messages: list[Message] = [
             {"role": "system", "content": system_prompt},
+            *(demo or []),
             {"role": "user", "content": user_prompt},
         ]
         self.turns = 0

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import chz
+from tinker_cookbook.renderers import Message
 from tinker_cookbook.rl.types import StopReason
 
 from treadle.rl.envs.dataset import TreadleEnvDatasetBuilder
@@ -39,6 +40,13 @@ SYSTEM_PROMPT = (
     "Example: for '3 boxes hold 4 pens each. How many pens?' reply <calc>3*4</calc>, read 'Output: 12', "
     "then reply Answer: 12"
 )
+DEMO: list[Message] = [
+    {"role": "user", "content": "3 boxes hold 4 pens each. How many pens are there?"},
+    {"role": "assistant", "content": "<calc>3*4</calc>"},
+    {"role": "user", "content": "Output:\n12"},
+    {"role": "assistant", "content": "Answer: 12"},
+    {"role": "user", "content": "Correct."},
+]
 _TOOL = re.compile(r"<(python|calc)>(.*?)</\1>", re.S | re.I)
 _OPEN_TAG = re.compile(r"<(python|calc)>", re.I)
 _ANSWER = re.compile(r"answer\s*:\s*(.*)", re.I | re.S)
@@ -61,8 +69,14 @@ def parse_answer(text: str) -> int | None:
 
 
 class ReactToolsEnv(TurnEnv):
-    def __init__(self, task: WordProblem, limits: EnvLimits = LIMITS, sandbox_dir: str | None = None) -> None:
-        super().__init__(SYSTEM_PROMPT, task.question, limits)
+    def __init__(
+        self,
+        task: WordProblem,
+        limits: EnvLimits = LIMITS,
+        sandbox_dir: str | None = None,
+        demo: bool = False,
+    ) -> None:
+        super().__init__(SYSTEM_PROMPT, task.question, limits, DEMO if demo else None)
         self.task = task
         self.sandbox_dir = sandbox_dir
         self.sandbox: SubprocessSandbox | None = None
@@ -133,9 +147,15 @@ SPEC = EnvSpec(
             choices=(1, 2, 3),
         ),
         ConfigKey("seed", 0, "problem generation seed", minimum=0),
+        ConfigKey(
+            "demo",
+            0,
+            "1 = show one solved example episode before the task (helps small models)",
+            choices=(0, 1),
+        ),
     ),
     make_tasks=make_tasks,
-    make_env=lambda task, config: ReactToolsEnv(task),
+    make_env=lambda task, config: ReactToolsEnv(task, demo=bool(config.get("demo", 0))),
 )
 
 

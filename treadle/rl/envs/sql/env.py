@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 import chz
+from tinker_cookbook.renderers import Message
 from tinker_cookbook.rl.types import StopReason
 
 from treadle.rl.envs.dataset import TreadleEnvDatasetBuilder
@@ -43,6 +44,17 @@ SYSTEM_PROMPT = (
     "Only single SELECT statements are allowed.\n"
     "Example: for 'How many pets are there?' reply <answer>SELECT COUNT(*) FROM pets</answer>"
 )
+DEMO: list[Message] = [
+    {
+        "role": "user",
+        "content": "Database schema:\nCREATE TABLE pets (id INTEGER PRIMARY KEY, name TEXT, kind TEXT, age INTEGER);"
+        "\n\nQuestion: How many pets are there?",
+    },
+    {"role": "assistant", "content": "<sql>SELECT COUNT(*) FROM pets</sql>"},
+    {"role": "user", "content": "COUNT(*)\n7\n(1 rows)"},
+    {"role": "assistant", "content": "<answer>SELECT COUNT(*) FROM pets</answer>"},
+    {"role": "user", "content": "Correct."},
+]
 _SQL = re.compile(r"<sql>(.*?)</sql>", re.S | re.I)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
 
@@ -74,9 +86,9 @@ def results_match(submitted: QueryResult, gold: QueryResult, ordered: bool) -> b
 
 
 class SqlEnv(TurnEnv):
-    def __init__(self, task: SqlTask, limits: EnvLimits = LIMITS) -> None:
+    def __init__(self, task: SqlTask, limits: EnvLimits = LIMITS, demo: bool = False) -> None:
         prompt = f"Database schema:\n{schema_sql(DOMAINS[task.database])}\n\nQuestion: {task.question}"
-        super().__init__(SYSTEM_PROMPT, prompt, limits)
+        super().__init__(SYSTEM_PROMPT, prompt, limits, DEMO if demo else None)
         self.task = task
         self.last_query_failed = False
         self.correct = False
@@ -143,9 +155,15 @@ SPEC = EnvSpec(
             choices=(1, 2, 3),
         ),
         ConfigKey("seed", 0, "question generation seed", minimum=0),
+        ConfigKey(
+            "demo",
+            0,
+            "1 = show one solved example episode before the task (helps small models)",
+            choices=(0, 1),
+        ),
     ),
     make_tasks=make_tasks,
-    make_env=lambda task, config: SqlEnv(task),
+    make_env=lambda task, config: SqlEnv(task, demo=bool(config.get("demo", 0))),
 )
 
 

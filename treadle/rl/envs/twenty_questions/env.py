@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import chz
+from tinker_cookbook.renderers import Message
 
 from treadle.rl.envs.dataset import TreadleEnvDatasetBuilder
 from treadle.rl.envs.episode import Turn, TurnEnv
@@ -40,6 +41,20 @@ SYSTEM_PROMPT = (
     "like 'Guess: Vopa'. "
     "A wrong guess ends the game."
 )
+
+
+# Names use letters the generator never does (w, x), so they can never be a real candidate.
+DEMO: list[Message] = [
+    {
+        "role": "user",
+        "content": "Candidates:\n- Wexo: color red, size tiny, habitat sea, diet meat, legs two, flies no\n"
+        "- Xawi: color blue, size tiny, habitat sea, diet meat, legs two, flies no\nAsk your first question.",
+    },
+    {"role": "assistant", "content": "Question: is the color red?"},
+    {"role": "user", "content": "Yes."},
+    {"role": "assistant", "content": "Guess: Wexo"},
+    {"role": "user", "content": "Correct!"},
+]
 
 
 @dataclass(frozen=True)
@@ -94,12 +109,12 @@ def _vocabulary_text() -> str:
 
 
 class TwentyQuestionsEnv(TurnEnv):
-    def __init__(self, task: TwentyQuestionsTask, limits: EnvLimits = LIMITS) -> None:
+    def __init__(self, task: TwentyQuestionsTask, limits: EnvLimits = LIMITS, demo: bool = False) -> None:
         rows = "\n".join(
             f"- {e.name}: " + ", ".join(f"{a} {v}" for a, v in e.attributes) for e in task.candidates
         )
         prompt = f"Candidates:\n{rows}\nAttributes: {_vocabulary_text()}.\nAsk your first question."
-        super().__init__(SYSTEM_PROMPT, prompt, limits)
+        super().__init__(SYSTEM_PROMPT, prompt, limits, DEMO if demo else None)
         self.task = task
         self.remaining: list[Entity] = list(task.candidates)
         self.scale = math.log2(len(task.candidates)) if len(task.candidates) > 1 else 1.0
@@ -143,9 +158,15 @@ SPEC = EnvSpec(
     config_keys=(
         ConfigKey("level", 2, "candidates listed: 1=2, 2=4, 3=8, 4=16", choices=(1, 2, 3, 4)),
         ConfigKey("seed", 0, "task generation seed", minimum=0),
+        ConfigKey(
+            "demo",
+            0,
+            "1 = show one solved example episode before the task (helps small models)",
+            choices=(0, 1),
+        ),
     ),
     make_tasks=make_tasks,
-    make_env=lambda task, config: TwentyQuestionsEnv(task),
+    make_env=lambda task, config: TwentyQuestionsEnv(task, demo=bool(config.get("demo", 0))),
 )
 
 
