@@ -16,6 +16,7 @@ import tinker
 from tinker import types
 
 from tests.e2e.conftest import ServerProcess
+from treadle.service.auth import hashed
 
 ALICE = "tml-alice-reliability"
 BOB = "tml-bob-reliability"
@@ -94,13 +95,16 @@ def build_world(server: ServerProcess, key: str) -> World:
 def reliability_server(
     e2e_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("reliability")
+    keys_file = root / "keys"  # Bob's key is held only as its digest (treadle keys hash)
+    keys_file.write_text(f"# hashed keys\n{hashed(BOB)} bob\n")
     server = ServerProcess(
         e2e_model_dir,
-        tmp_path_factory.mktemp("reliability") / "data",
+        root / "data",
         "--api-key",
         ALICE,
-        "--api-key",
-        BOB,
+        "--api-keys-file",
+        str(keys_file),
         "--max-request-mb",
         "4",
     )

@@ -296,3 +296,12 @@ def test_signed_download_urls_cannot_be_altered(
     for bad in altered:
         r = httpx.get(bad)
         assert r.status_code == 404 and r.json()["detail"].startswith("url:"), (bad, r.text[:200])
+
+
+def test_keys_are_never_logged(reliability_server: ServerProcess, worlds: dict[str, World]) -> None:
+    r = httpx.get(
+        reliability_server.base_url + "/api/v1/sessions", headers={"X-API-Key": "tml-wrong-key-123"}
+    )
+    assert r.status_code == 401 and "tml-wrong" not in r.text
+    log = reliability_server.log()
+    assert ALICE not in log and BOB not in log and "tml-wrong" not in log
