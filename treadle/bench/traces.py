@@ -116,7 +116,9 @@ def bench_traces(model: str, *, quick: bool = False) -> tuple[list[Row], dict[st
             for side in sides[r % 3 :] + sides[: r % 3]:
                 deployments.traces.capture = side != "off"
                 target = model if side == "direct" else "bench-bot"
-                seconds[side] += _round(srv.url, target, n_requests, concurrency, max_tokens)
+                took = _round(srv.url, target, n_requests, concurrency, max_tokens)
+                seconds[side] += took
+                print(f"round {r + 1}/{rounds} {side:>6}: {n_requests / took:.2f} req/s", flush=True)
         deployments.traces.capture = True
         listed = api.get("/api/v1/traces", params={"deployment": "bench-bot", "limit": 1000}).json()["traces"]
         stored = len(listed)
