@@ -39,6 +39,31 @@ def kl_to_reference(logprobs, ref_logprobs, weights):  # noqa: ANN001, ANN201
     return nll + 0.1 * kl.sum(), {"custom/kl:sum": kl.sum().detach()}
 
 
+def topk_distill(logprobs, teacher_logits, scale):  # noqa: ANN001, ANN201
+    # rank-2 logprobs ([T, K] targets) against a teacher distribution, times a per-datum scalar
+    p = torch.softmax(teacher_logits, dim=-1)
+    loss = -(p * logprobs).sum() * scale
+    return loss, {"custom/tokens:sum": torch.ones_like(scale) * logprobs.shape[0]}
+
+
+def _topk_data() -> list[types.Datum]:
+    n, k = len(SEQ) - 1, 3
+    targets = np.stack(
+        [np.array(SEQ[1:]), (np.array(SEQ[1:]) + 5) % 100, (np.array(SEQ[1:]) + 9) % 100], axis=1
+    )
+    teacher = np.linspace(-1.0, 1.0, n * k, dtype=np.float32).reshape(n, k)
+    return [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(SEQ[:-1]),
+            loss_fn_inputs={
+                "target_tokens": types.TensorData.from_numpy(targets.astype(np.int64)),
+                "teacher_logits": types.TensorData.from_numpy(teacher),
+                "scale": types.TensorData.from_numpy(np.array(0.5, dtype=np.float32)),
+            },
+        )
+    ]
+
+
 def _dpo_data() -> list[types.Datum]:
     n = len(SEQ) - 1
     chosen = [0.0] * 2 + [1.0] * 4 + [0.0] * (n - 6)
@@ -98,6 +123,7 @@ def sc(tinker_server: ServerProcess) -> tinker.ServiceClient:
     [
         (dpo_style, {"logprobs": 1, "ref_logprobs": 1, "chosen": 1, "rejected": 1}, _dpo_data),
         (kl_to_reference, {"logprobs": 1, "ref_logprobs": 1, "weights": 1}, _kl_data),
+        (topk_distill, {"logprobs": 2, "teacher_logits": 2, "scale": 0}, _topk_data),
     ],
 )
 def test_server_side_matches_client_side(
