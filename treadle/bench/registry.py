@@ -11,4 +11,5 @@ BENCHMARKS: dict[str, str] = {
     "traces": "treadle.bench.traces:bench_traces",
     "rl": "treadle.rl.async_bench:bench_rl",
     "custom_loss": "treadle.bench.custom_loss:bench_custom_loss",
+    "vision": "treadle.bench.vision:bench_vision",
 }
