@@ -111,7 +111,8 @@ def bench_traces(model: str, *, quick: bool = False) -> tuple[list[Row], dict[st
         deployments = srv.app.state.deployments
         api = httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}, timeout=600)
         api.post("/api/v1/deployments", json={"name": "bench-bot", "model_path": model}).raise_for_status()
-        _round(srv.url, "bench-bot", concurrency, concurrency, max_tokens)  # warm-up: first-call costs
+        for target in ("bench-bot", model):  # warm-up, not counted: first-call costs land on neither side
+            _round(srv.url, target, 2 * concurrency, concurrency, max_tokens)
         for r in range(rounds):
             for side in sides[r % 3 :] + sides[: r % 3]:
                 deployments.traces.capture = side != "off"
