@@ -96,3 +96,13 @@ def test_demo_option_prepends_a_solved_episode(name: str) -> None:
     # the demo's answer is what the env itself would grade as correct: its format is the env's format
     results = play(spec.make_env(task, demo_config), [str(middle[-2]["content"])])
     assert results[0].metrics.get("format_error", 0) == 0
+
+
+def test_episode_wall_clock_limit_ends_with_zero_reward() -> None:
+    from treadle.rl.envs.sql.env import LIMITS, SqlEnv
+
+    spec = get_env("sql")
+    task = spec.make_tasks("test", spec.default_config())[0]
+    env = SqlEnv(task, limits=dataclasses.replace(LIMITS, episode_timeout_s=0.0))
+    results = play(env, [f"<answer>{task.gold_sql}</answer>"])  # a correct answer, but too late
+    assert len(results) == 1 and stop_reason(results) == "rollout_timeout" and results[0].reward == 0.0
