@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-request-mb", type=float, default=None, help="largest request body accepted (default 256)"
     )
+    s.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=None,
+        help="per model: the sampler's KV cache grows no further; requests wait for room (default 2048)",
+    )
     Limits.add_arguments(s)  # backpressure limits and the body timeout (treadle.service.limits)
     s.add_argument(
         "--image-dir",

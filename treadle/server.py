@@ -45,6 +45,7 @@ class ServerConfig:
     sweep_interval_s: float = 30.0  # how often expired sessions and checkpoint TTLs are enforced
     max_request_bytes: int = 256 * 1024 * 1024
     max_lora_rank: int = 128
+    kv_cache_mb: float = 2048  # each model's sampler KV cache grows no further; requests wait for room
     ephemeral_samplers: int = 4  # in-memory sampler snapshots kept per training run
     limits: Limits = dataclasses.field(default_factory=Limits)  # backpressure: see treadle.service.limits
     image_dir: Path | None = None  # ImageAssetPointerChunk paths are read only under it; None = none read
@@ -71,6 +72,9 @@ class ServerConfig:
         if getattr(args, "max_request_mb", None) is not None:
             require(args.max_request_mb > 0, "--max-request-mb", f"must be > 0, got {args.max_request_mb}")
             cfg.max_request_bytes = int(args.max_request_mb * 2**20)
+        if getattr(args, "kv_cache_mb", None) is not None:
+            require(args.kv_cache_mb > 0, "--kv-cache-mb", f"must be > 0, got {args.kv_cache_mb}")
+            cfg.kv_cache_mb = args.kv_cache_mb
         if getattr(args, "ephemeral_samplers", None) is not None:
             require(
                 args.ephemeral_samplers >= 1,
@@ -133,6 +137,7 @@ def build_service(cfg: ServerConfig) -> Any:
                 device=cfg.device,
                 deterministic=cfg.deterministic,
                 max_lora_rank=cfg.max_lora_rank,
+                kv_cache_mb=cfg.kv_cache_mb,
                 compute=compute,
             )
         )

@@ -63,10 +63,12 @@ class Engine:
         deterministic: bool = False,
         max_lora_rank: int = 128,
         max_batch_size: int = 64,
+        kv_cache_mb: float | None = 2048,
         compute: ComputeThread | None = None,
     ) -> None:
         """`compute`: the device's compute thread when several engines share a device (the server passes one);
-        by default the engine starts its own and stops it on `close`."""
+        by default the engine starts its own and stops it on `close`. `kv_cache_mb`: the sampler's KV cache
+        stops growing past this (None: unbounded); requests that do not fit wait for room."""
         # The numerics mode is process-wide: a server runs in one mode (treadle serve --deterministic).
         ops.set_mode("batch_invariant" if deterministic else "fast")
         self.deterministic = deterministic
@@ -99,6 +101,7 @@ class Engine:
             max_context_length=self.info.max_context_length,
             decode=lambda ids: self.tokenizer.decode(ids),
             max_batch_size=max_batch_size,
+            max_kv_cache_bytes=None if kv_cache_mb is None else int(kv_cache_mb * 2**20),
             compute=self.compute,
         )
 

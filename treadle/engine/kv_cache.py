@@ -55,17 +55,33 @@ class SlotKVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now (keys and values)."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def grown_shape(self, slots: int, length: int) -> tuple[int, int]:
+        """(slots, length) of the allocation after `ensure(slots, length)`: doubled until it fits."""
+        new_slots, new_len = self.num_slots, self.capacity
+        while new_slots < slots:
+            new_slots = min(2 * new_slots, self.max_slots)
+        while new_len < length:
+            new_len = min(2 * new_len, self.max_len)
+        return new_slots, new_len
+
+    def nbytes_after(self, slots: int, length: int) -> int:
+        """Bytes the cache would hold after `ensure(slots, length)` (never less than now)."""
+        new_slots, new_len = self.grown_shape(min(slots, self.max_slots), min(length, self.max_len))
+        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
+        return new_slots * new_len * per_token
+
     def ensure(self, slots: int, length: int) -> None:
         """Grow (by doubling) so that slot indices < `slots` and positions < `length` exist."""
         if slots > self.max_slots or length > self.max_len:
             raise ValueError(f"KV cache request ({slots} slots, {length} tokens) exceeds its limits")
         if slots <= self.num_slots and length <= self.capacity:
             return
-        new_slots, new_len = self.num_slots, self.capacity
-        while new_slots < slots:
-            new_slots = min(2 * new_slots, self.max_slots)
-        while new_len < length:
-            new_len = min(2 * new_len, self.max_len)
+        new_slots, new_len = self.grown_shape(slots, length)
         for name in ("k", "v"):
             old = getattr(self, name)
             new = self._alloc(new_slots, new_len)

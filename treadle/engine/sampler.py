@@ -208,8 +208,12 @@ class Sampler:
         max_context_length: int,
         decode: Callable[[list[int]], str] | None = None,
         max_batch_size: int = 64,
+        max_kv_cache_bytes: int | None = None,
         compute: ComputeThread | None = None,
     ) -> None:
+        """`max_kv_cache_bytes`: admission stops growing the KV cache past this (None: no limit). The cache
+        is one block of slots × the longest row, so a single long prompt among many short ones would otherwise
+        size every slot for it; under steady load the cache is never idle long enough to shrink back."""
         require(max_batch_size >= 1, "max_batch_size", f"must be ≥ 1, got {max_batch_size}")
         require(max_context_length >= 2, "max_context_length", f"must be ≥ 2, got {max_context_length}")
         self.model = model
@@ -217,6 +221,7 @@ class Sampler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_context_length = max_context_length
         self.max_batch_size = max_batch_size
+        self.max_kv_cache_bytes = max_kv_cache_bytes
         self._decode = decode
         self._owns_compute = compute is None
         self._compute = compute if compute is not None else ComputeThread("treadle-sampler")
@@ -369,6 +374,9 @@ class Sampler:
             if r.done:
                 self._waiting.popleft()
                 continue
+            # the first row is admitted whatever its size, or it would wait forever
+            if self._rows and not self._kv_room_for(r):
+                break
             src, p, src_pending = self._best_prefix(r)
             # A sibling's prompt (its logits) or a much longer shared prefix is still being prefilled in this
             # round: run the round's prefill first, then place this row against the written KV.
@@ -391,6 +399,19 @@ class Sampler:
             logits_B_V = torch.stack([x for x in firsts if x is not None])
             assert logits_B_V.shape[0] == len(live), "every placed row's prompt was prefilled"
             self._sample_and_accept(live, logits_B_V)
+
+    def _kv_room_for(self, r: _Request) -> bool:
+        """Whether one more row of `r` fits the KV budget at its full length (prompt + max_tokens) beside the
+        rows running now; growth the cache already holds costs nothing more. Rows that do not fit wait in
+        order (their requests stay queued) until running rows finish."""
+        if self.max_kv_cache_bytes is None:
+            return True
+        longest = max(
+            [len(row.request.req.prompt) + row.request.req.params.max_tokens for row in self._rows]
+            + [len(r.req.prompt) + r.req.params.max_tokens]
+        )
+        need = self._cache.nbytes_after(len(self._rows) + 1, longest)
+        return need <= max(self.max_kv_cache_bytes, self._cache.nbytes)
 
     def _best_prefix(self, r: _Request) -> tuple[int | None, int, bool]:
         """The slot sharing the longest prompt prefix with `r` (same adapter, owner in flight), the usable length,
