@@ -91,3 +91,25 @@ def test_sampler_logprobs_equal_forward_with_images(engine: Engine) -> None:
     assert res.prompt_logprobs is not None
     prompt_lp = torch.tensor(res.prompt_logprobs[1:])
     assert torch.allclose(prompt_lp, lp[: len(req.prompt) - 1], atol=1e-5)
+
+
+def test_images_expand_in_any_order_with_text(engine: Engine) -> None:
+    """An image first, two images back to back, text last: placeholders land where the chunks were."""
+    pad = engine.model.config.vision["image_token_id"]  # type: ignore[index]
+    imgs = [ImageInput(off, _png(s), "png", 4, f"c{s}") for off, s in ((0, 3), (2, 4), (2, 5))]
+    tokens, spans = engine.images.expand([11, 12, 13], imgs)
+    assert tokens == [pad] * 4 + [11, 12] + [pad] * 8 + [13]
+    assert [s.start for s in spans] == [0, 6, 10]
+    assert len({s.key for s in spans}) == 3
+    lp = engine.forward_backward(
+        [
+            ForwardBackwardRequest(
+                "a",
+                [Datum(torch.tensor(tokens), {"target_tokens": torch.tensor(tokens)}, spans=spans)],
+                "cross_entropy",
+                forward_only=True,
+            )
+        ]
+    )[0]
+    assert not isinstance(lp, Exception)
+    assert torch.isfinite(lp.loss_fn_outputs[0]["logprobs"]).all()
