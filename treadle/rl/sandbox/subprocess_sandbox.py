@@ -17,6 +17,7 @@ import resource
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,7 +106,7 @@ class SubprocessSandbox:
                 stderr=asyncio.subprocess.PIPE,
                 preexec_fn=self._preexec(group),
             )
-        except OSError as e:
+        except (OSError, subprocess.SubprocessError) as e:
             if group is not None:
                 group.remove()
             return SandboxResult(
@@ -123,7 +124,10 @@ class SubprocessSandbox:
         def setup() -> None:
             os.setsid()  # own process group: the timeout kills all of it
             if group is not None:
-                group.join()
+                try:
+                    group.join()
+                except OSError:
+                    pass  # the cgroup refused us (e.g. a delegated v2 tree): RLIMIT_NPROC below still applies
             resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
             resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
             resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes, limits.file_size_bytes))
