@@ -80,13 +80,13 @@ def _builds_or_refuses(name: Any, inputs: Any, graph: Any) -> None:
         pass
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_json, _json, _json)
 def test_arbitrary_json_is_refused_cleanly(name: Any, inputs: Any, graph: Any) -> None:
     _builds_or_refuses(name, inputs, graph)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.integers(0, len(BASE["graph"]["nodes"]) - 1),
     st.sampled_from(["op", "name", "target", "args", "kwargs", "args[0]", "args[1]", "node"]),
