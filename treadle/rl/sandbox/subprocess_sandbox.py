@@ -35,6 +35,22 @@ OUTPUT_LIMIT_EXIT = 125
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
+def _user_task_count() -> int:
+    """Tasks (threads) this user runs now; 0 for root, which the kernel exempts from RLIMIT_NPROC anyway."""
+    uid = os.getuid()
+    if uid == 0:
+        return 0
+    count = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry.name}/task"))
+            except OSError:
+                continue
+    return count
+
+
 class SandboxStartError(SandboxError):
     """The sandbox could not be created (no temporary directory, no shell): the rollout ends with a reason."""
 
@@ -120,6 +136,8 @@ class SubprocessSandbox:
 
     def _preexec(self, group: PidsGroup | None):  # noqa: ANN202 - a closure for Popen
         limits = self.limits
+        # RLIMIT_NPROC counts every task of the user, not just the sandbox's: allow what already runs plus the budget
+        nproc = _user_task_count() + limits.max_processes
 
         def setup() -> None:
             os.setsid()  # own process group: the timeout kills all of it
@@ -131,7 +149,7 @@ class SubprocessSandbox:
             resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
             resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
             resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes, limits.file_size_bytes))
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
         return setup
