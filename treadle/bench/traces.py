@@ -99,7 +99,9 @@ def _store_write_ms(deployments: Any, trace: dict[str, Any], n: int = 50) -> flo
 
 
 def bench_traces(model: str, *, quick: bool = False) -> tuple[list[Row], dict[str, object]]:
-    rounds, n_requests, concurrency, max_tokens = (2, 12, 4, 8) if quick else (6, 24, 8, 16)
+    # Many short rounds rather than a few long ones: on a shared machine the load drifts over tens of seconds,
+    # and short rotated rounds put that drift on every side alike.
+    rounds, n_requests, concurrency, max_tokens = (4, 8, 4, 8) if quick else (12, 16, 8, 16)
     # Three sides, in a rotating order each round so drift on a shared machine falls on all of them:
     # the deployment with capture on / off, and the base model called directly (no deployment at all).
     sides = ["on", "off", "direct"]
