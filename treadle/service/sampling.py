@@ -3,6 +3,7 @@ and retrieving futures; a sample resolves on the resolver thread so generation n
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from typing import Any
 
@@ -116,7 +117,9 @@ class Sampling:
         s = self.s
         target = await self._sampler(owner, sampler_id)
         engine = target.worker.engine
-        engine.prepare_sample(req)  # image chunks → placeholder tokens (bad images: a 400 naming the chunk)
+        if req.images:  # image chunks → placeholder tokens (bad images: a 400 naming the chunk); decoding and
+            # resizing are CPU work, kept off the event loop
+            await asyncio.to_thread(engine.prepare_sample, req)
         self._validate_sample(req, engine.info.vocab_size, engine.info.max_context_length)
         req.adapter_id = target.adapter_id
         rid, new = s.hub.create(owner, "sample", f"sample:{sampler_id}:{seq_id}")
