@@ -198,6 +198,10 @@ async def _train(tc: Any, groups: list[Any], cfg: RLBenchConfig) -> Any:
     return await tc.save_weights_and_get_sampling_client_async()
 
 
+def _progress(mode: str, step: int, steps: int, elapsed_s: float) -> None:
+    print(f"  {mode}: step {step}/{steps} done at {elapsed_s:.1f} s", file=sys.stderr, flush=True)
+
+
 def _mean_reward(groups: list[Any]) -> float:
     rewards = [r for g in groups for r in g.get_total_rewards()]
     return sum(rewards) / len(rewards)
@@ -222,6 +226,7 @@ async def run_sync(tc: Any, batches: list[list[Any]], cfg: RLBenchConfig, counte
         busy += time.perf_counter() - t_train
         ends.append(time.perf_counter() - t0)
         rewards.append(_mean_reward(groups))
+        _progress("sync", len(ends), cfg.steps, ends[-1])
     wall = time.perf_counter() - t0
     rollouts = cfg.steps * cfg.groups_per_batch * cfg.group_size
     return ModeResult(
@@ -267,6 +272,7 @@ async def run_async(tc: Any, batches: list[list[Any]], cfg: RLBenchConfig, count
                 published.notify_all()
             ends.append(time.perf_counter() - t0)
             rewards.append(_mean_reward(groups))
+            _progress("async", step + 1, cfg.steps, ends[-1])
     finally:
         for w in workers:
             w.cancel()
