@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from treadle.errors import UserError, require
-from treadle.models.qwen3_vl import ImageSpan
 from treadle.lora.config import AdamParams as AdamParams  # re-exported: engine callers import it from here
 from treadle.lora.config import LoraConfig as LoraConfig
+from treadle.models.qwen3_vl import ImageSpan
 
 if TYPE_CHECKING:
     from treadle.engine.custom_loss import CustomLoss
