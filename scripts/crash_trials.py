@@ -35,7 +35,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="treadle-crash-"))
     model = write_tiny_model(root / "tiny", family="llama")
     server = crash_server(model, root / "data", args.db_url)
-    server.start()
+    server.start(timeout_s=600)
     rng = random.Random(args.seed)
     resume = None
     results = []

@@ -303,7 +303,7 @@ def run_trial(
     server.stop(kill=True)
     client.kill()
     client.wait()
-    server.start()
+    server.start(timeout_s=600)  # a loaded machine restarts slowly; what counts is that it comes back
     result, resume = check_after_restart(
         server, Recorded.read(log) if log.exists() else Recorded({}, [], set())
     )
