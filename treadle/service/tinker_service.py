@@ -19,6 +19,7 @@ from treadle.service.custom_losses import CustomLosses
 from treadle.service.futures import Outcome
 from treadle.service.limits import Admission, Limits
 from treadle.service.paths import CheckpointRef
+from treadle.service.reconcile import remove_orphan_checkpoints
 from treadle.service.sampling import Sampling
 from treadle.service.sessions import Sessions
 from treadle.service.state import MAX_TTL_S, ResultCodec, ServiceConfig, ServiceState
@@ -61,6 +62,7 @@ class TinkerService:
         self._sampling = Sampling(state)
         self._checkpoints = Checkpoints(state)
         self._custom_losses = CustomLosses(state)
+        remove_orphan_checkpoints(state.store, state.blobs.root)
         recovered = self.hub.recover()
         if recovered:
             log.warning("%d requests were in flight when the server last stopped; they now fail", recovered)
