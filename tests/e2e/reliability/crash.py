@@ -123,7 +123,7 @@ class Workload:
             r = c.post(f"{base}/create_model", json=body, headers=head).json()
             mid = r["model_id"]
             self.note(request_id=r["request_id"])
-            for seq in range(0, 10**6, 2):
+            for seq in range(1, 10**6, 2):  # training seq_ids start at 1
                 msg = pb.ForwardBackwardRequest(model_id=mid, seq_id=seq, loss_fn="cross_entropy")
                 d = msg.data.add()
                 d.model_input.add().encoded_text.tokens = np.arange(1, 9, dtype="<i4").tobytes()
