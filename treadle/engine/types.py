@@ -37,7 +37,8 @@ class Datum:
     tokens: torch.Tensor  # (N,) int64
     loss_fn_inputs: dict[str, torch.Tensor]
     images: list[ImageInput] = dataclasses.field(default_factory=list)  # not yet expanded into `tokens`
-    spans: list[ImageSpan] = dataclasses.field(default_factory=list)  # expanded images (placeholders in tokens)
+    # expanded images (placeholders in tokens)
+    spans: list[ImageSpan] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -112,7 +113,8 @@ class SampleRequest:
     target_prompt_logprobs: torch.Tensor | None = None  # int64 [len(prompt) - 1, K]: ids to score; -1 = none
     target_prompt_sparse: bool = False  # it came as sparse CSR: the answer goes back in the same layout
     images: list[ImageInput] = dataclasses.field(default_factory=list)  # not yet expanded into `prompt`
-    spans: list[ImageSpan] = dataclasses.field(default_factory=list)  # expanded images (placeholders in prompt)
+    # expanded images (placeholders in prompt)
+    spans: list[ImageSpan] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

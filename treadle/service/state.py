@@ -44,7 +44,8 @@ class ServiceConfig:
     retrieve_timeout_s: float = 25.0  # < the SDK's 45 s retrieve_future timeout (protocol §1.5)
     ephemeral_samplers_per_model: int = 4
     max_num_samples: int = 128
-    image_dir: Path | None = None  # ImageAssetPointerChunk files are read only under it (see api/tinker/images.py)
+    # ImageAssetPointerChunk files are read only under it (see api/tinker/images.py)
+    image_dir: Path | None = None
 
 
 @dataclasses.dataclass
