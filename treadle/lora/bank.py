@@ -131,7 +131,13 @@ class AdapterBank:
 
     def save(self, adapter_id: str, directory: Path, *, optimizer: bool, base_model: str) -> None:
         """PEFT-layout checkpoint at `directory`, written atomically; an existing one there is replaced whole."""
-        write_adapter(self._get(adapter_id), Path(directory), optimizer=optimizer, base_model=base_model)
+        write_adapter(
+            self._get(adapter_id),
+            Path(directory),
+            optimizer=optimizer,
+            base_model=base_model,
+            peft_names={t.key: t.peft_name for t in self.targets},
+        )
 
     def load(self, adapter_id: str, directory: Path, *, optimizer: bool) -> LoraConfig:
         """Create `adapter_id` (trainable) from a treadle- or PEFT-made checkpoint; nothing changes on error."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,17 @@ def _config_dict(cfg: LoraConfig) -> dict[str, Any]:
     }
 
 
-def write_adapter(adapter: Adapter, directory: Path, *, optimizer: bool, base_model: str) -> None:
-    """Write the checkpoint atomically (replacing an existing one at `directory` as a whole)."""
+def write_adapter(
+    adapter: Adapter,
+    directory: Path,
+    *,
+    optimizer: bool,
+    base_model: str,
+    peft_names: Mapping[str, str] | None = None,
+) -> None:
+    """Write the checkpoint atomically (replacing an existing one at `directory` as a whole). `peft_names`
+    maps treadle's projection keys to the transformers module names PEFT expects (identity when absent)."""
+    names = peft_names or {}
     if optimizer and not adapter.trainable:
         raise UserError(
             "optimizer: a frozen sampling snapshot has no optimizer state; save with optimizer=False",
@@ -84,8 +93,9 @@ def write_adapter(adapter: Adapter, directory: Path, *, optimizer: bool, base_mo
         )
     weights = {}
     for key, pair in adapter.weights.items():
-        weights[_peft_key(key, "A")] = pair.a_R_In.detach().to("cpu", copy=True).contiguous()
-        weights[_peft_key(key, "B")] = pair.b_Out_R.detach().to("cpu", copy=True).contiguous()
+        name = names.get(key, key)
+        weights[_peft_key(name, "A")] = pair.a_R_In.detach().to("cpu", copy=True).contiguous()
+        weights[_peft_key(name, "B")] = pair.b_Out_R.detach().to("cpu", copy=True).contiguous()
     meta = {
         "format": FORMAT_VERSION,
         "lora_config": _config_dict(adapter.config),
@@ -168,12 +178,14 @@ def _read_weights(
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises several types for a damaged file
         raise UserError(f"checkpoint: cannot read {path.name}: {e}", field="path") from e
+    # PEFT files name modules as transformers does; treadle's own key is accepted too
+    key_of = {t.peft_name: k for k, t in targets.items()} | {k: k for k in targets}
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         m = _PEFT_KEY.match(name)
         if m is None:
             raise UserError(f"checkpoint: tensor {name!r} is not a LoRA A/B weight", field="path")
-        key = m.group(1)
+        key = key_of.get(m.group(1), m.group(1))
         if key not in targets:
             raise UserError(
                 f"checkpoint: {key!r} is not a projection of this model (wrong base model?)", field="path"

@@ -23,6 +23,12 @@ class LoraTarget:
     in_features: int
     out_features: int
     group: str  # "attn" | "mlp" | "unembed"
+    # the module's name in the family's transformers model, which PEFT files use (differs for Qwen3-VL)
+    hf_name: str = ""
+
+    @property
+    def peft_name(self) -> str:
+        return self.hf_name or self.key
 
 
 class _Body(nn.Module):
@@ -78,8 +84,19 @@ class CausalLM(nn.Module):
     def logprobs(self, hidden_B_T_D: torch.Tensor, lora: LoraHook | None = None) -> torch.Tensor:
         return ops.current().log_softmax(self.logits(hidden_B_T_D, lora), dim=-1)
 
+    # Where the decoder stack sits in the family's transformers model ("model.language_model." for Qwen3-VL).
+    HF_TEXT_PREFIX = "model."
+
     def lora_targets(self) -> list[LoraTarget]:
-        """Every projection LoRA may adapt (the MoE router excepted)."""
+        """Every projection LoRA may adapt (the MoE router excepted), with its transformers module name."""
+        return [
+            dataclasses.replace(t, hf_name=self.HF_TEXT_PREFIX + t.key[len("model.") :])
+            if t.key.startswith("model.")
+            else t
+            for t in self._lora_targets()
+        ]
+
+    def _lora_targets(self) -> list[LoraTarget]:
         out: list[LoraTarget] = []
         for layer in cast(list[DecoderLayer], list(self.model.layers)):
             attn = layer.self_attn

@@ -96,6 +96,8 @@ def _nbytes(tensors: list[torch.Tensor]) -> int:
 
 
 class Qwen3VLForCausalLM(CausalLM):
+    HF_TEXT_PREFIX = "model.language_model."  # Qwen3VLForConditionalGeneration's text stack
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         if cfg.vision is None:
