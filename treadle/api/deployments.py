@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from treadle.api.decoding import INT64_MAX, INT64_MIN
 from treadle.errors import UserError
 from treadle.service.deployments import Deployments
 from treadle.store.traces import TraceFilter
@@ -53,9 +54,12 @@ def _int_param(request: Request, name: str, default: int | None) -> int | None:
     if v is None:
         return default
     try:
-        return int(v)
+        n = int(v)
     except ValueError:
         raise UserError(f"{name}: must be an integer, got {v!r}", field=name) from None
+    if not INT64_MIN <= n <= INT64_MAX:  # the store's integers are int64
+        raise UserError(f"{name}: must fit in 64 bits, got {v[:40]!r}", field=name)
+    return n
 
 
 def _bool_param(request: Request, name: str) -> bool | None:

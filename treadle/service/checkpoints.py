@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from treadle.atomic import atomic_write_dir
-from treadle.errors import NotFoundError, UserError, require
+from treadle.errors import NotFoundError, UserError
 from treadle.service import paths, views
+from treadle.service.paging import check_page
 from treadle.service.paths import CheckpointRef
 from treadle.service.state import ServiceState
 from treadle.store import RunRow, utcnow
@@ -44,7 +45,7 @@ class Checkpoints:
         return self._run_json(self.s.run(owner, run_id, "training_run_id"))
 
     def list_runs(self, owner: str, limit: int, offset: int) -> dict[str, Any]:
-        _check_page(limit, offset)
+        check_page(limit, offset)
         runs, total = self.s.store.list_runs(owner, limit, offset)
         return {
             "training_runs": [self._run_json(r) for r in runs],
@@ -54,7 +55,7 @@ class Checkpoints:
     def list_checkpoints(
         self, owner: str, run_id: str | None, limit: int = 1000, offset: int = 0
     ) -> dict[str, Any]:
-        _check_page(limit, offset)
+        check_page(limit, offset)
         if run_id is not None:
             self.s.run(owner, run_id, "training_run_id")
         now = utcnow()
@@ -172,8 +173,3 @@ class Checkpoints:
         if not path.is_file():
             raise NotFoundError("url: this file no longer exists", field="url")
         return path
-
-
-def _check_page(limit: int, offset: int) -> None:
-    require(1 <= limit <= 10_000, "limit", f"must be in 1..10000, got {limit}")
-    require(offset >= 0, "offset", f"must be ≥ 0, got {offset}")

@@ -7,6 +7,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
+from treadle.service.paging import check_page
 from treadle.service.state import ServiceState
 from treadle.store import SessionRow, utcnow
 
@@ -32,6 +33,7 @@ class Sessions:
             self._release_session(session_id, "session finished")
 
     def list_sessions(self, owner: str, status: str | None, limit: int, offset: int) -> list[str]:
+        check_page(limit, offset)
         return [s.session_id for s in self.s.store.list_sessions(owner, status, limit, offset)]
 
     def get_session(self, owner: str, session_id: str) -> dict[str, Any]:
