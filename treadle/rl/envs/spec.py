@@ -50,6 +50,16 @@ class ConfigKey:
         return value
 
 
+# Keys every generated-data env takes: the generation seed and the curriculum aid for small models.
+DEMO_KEY = ConfigKey(
+    "demo", 0, "1 = show one solved example episode before the task (helps small models)", choices=(0, 1)
+)
+
+
+def seed_key(what: str) -> ConfigKey:
+    return ConfigKey("seed", 0, f"{what} generation seed", minimum=0)
+
+
 @dataclass(frozen=True)
 class EnvSpec:
     """An environment: name, limits, tools, env keys, `make_tasks(split, config)` and `make_env(task, config)`.

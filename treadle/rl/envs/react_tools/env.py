@@ -19,7 +19,7 @@ from tinker_cookbook.rl.types import StopReason
 from treadle.rl.envs.dataset import TreadleEnvDatasetBuilder
 from treadle.rl.envs.episode import Turn, TurnEnv
 from treadle.rl.envs.react_tools.problems import WordProblem, make_problems
-from treadle.rl.envs.spec import ConfigKey, EnvLimits, EnvSpec
+from treadle.rl.envs.spec import DEMO_KEY, ConfigKey, EnvLimits, EnvSpec, seed_key
 from treadle.rl.sandbox.limits import SandboxLimits
 from treadle.rl.sandbox.subprocess_sandbox import SubprocessSandbox
 
@@ -146,13 +146,8 @@ SPEC = EnvSpec(
             "1 one operation, 2 two operations, 3 three or four on larger numbers",
             choices=(1, 2, 3),
         ),
-        ConfigKey("seed", 0, "problem generation seed", minimum=0),
-        ConfigKey(
-            "demo",
-            0,
-            "1 = show one solved example episode before the task (helps small models)",
-            choices=(0, 1),
-        ),
+        seed_key("problem"),
+        DEMO_KEY,
     ),
     make_tasks=make_tasks,
     make_env=lambda task, config: ReactToolsEnv(task, demo=bool(config.get("demo", 0))),

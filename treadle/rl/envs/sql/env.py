@@ -20,7 +20,7 @@ from tinker_cookbook.rl.types import StopReason
 
 from treadle.rl.envs.dataset import TreadleEnvDatasetBuilder
 from treadle.rl.envs.episode import Turn, TurnEnv
-from treadle.rl.envs.spec import ConfigKey, EnvLimits, EnvSpec
+from treadle.rl.envs.spec import DEMO_KEY, ConfigKey, EnvLimits, EnvSpec, seed_key
 from treadle.rl.envs.sql.databases import DOMAINS, database_path, schema_sql, split_domains
 from treadle.rl.envs.sql.questions import SqlTask, generate_questions
 from treadle.rl.sandbox.sqlite_ro import QueryResult, ReadOnlySqlite
@@ -154,13 +154,8 @@ SPEC = EnvSpec(
             "question templates: 1 single-table, 2 +filters/grouping/order, 3 +joins",
             choices=(1, 2, 3),
         ),
-        ConfigKey("seed", 0, "question generation seed", minimum=0),
-        ConfigKey(
-            "demo",
-            0,
-            "1 = show one solved example episode before the task (helps small models)",
-            choices=(0, 1),
-        ),
+        seed_key("question"),
+        DEMO_KEY,
     ),
     make_tasks=make_tasks,
     make_env=lambda task, config: SqlEnv(task, demo=bool(config.get("demo", 0))),

@@ -19,7 +19,7 @@ from tinker_cookbook.renderers import Message
 
 from treadle.rl.envs.dataset import TreadleEnvDatasetBuilder
 from treadle.rl.envs.episode import Turn, TurnEnv
-from treadle.rl.envs.spec import ConfigKey, EnvLimits, EnvSpec
+from treadle.rl.envs.spec import DEMO_KEY, ConfigKey, EnvLimits, EnvSpec, seed_key
 from treadle.rl.envs.twenty_questions.kb import ATTRIBUTES, Entity, split_entities
 
 LIMITS = EnvLimits(
@@ -157,13 +157,8 @@ SPEC = EnvSpec(
     tools=(),
     config_keys=(
         ConfigKey("level", 2, "candidates listed: 1=2, 2=4, 3=8, 4=16", choices=(1, 2, 3, 4)),
-        ConfigKey("seed", 0, "task generation seed", minimum=0),
-        ConfigKey(
-            "demo",
-            0,
-            "1 = show one solved example episode before the task (helps small models)",
-            choices=(0, 1),
-        ),
+        seed_key("task"),
+        DEMO_KEY,
     ),
     make_tasks=make_tasks,
     make_env=lambda task, config: TwentyQuestionsEnv(task, demo=bool(config.get("demo", 0))),
