@@ -13,6 +13,9 @@ def _learn(args: argparse.Namespace) -> int:
     if words and words[0] == "status":
         return _status(words[1:], deployment)
     cfg = parse_config(words, deployment=deployment)
+    from treadle.client_threads import limit_client_threads
+
+    limit_client_threads()  # before the learner loads torch: leave the cores to the server it trains on
     from treadle.learn.learner import Learner
 
     learner = Learner(cfg)

@@ -28,6 +28,10 @@ def _envs_show(args: argparse.Namespace) -> int:
 
 
 def _rl_train(args: argparse.Namespace) -> int:
+    from treadle.client_threads import limit_client_threads
+
+    # before torch loads (the cookbook imports it): this client's torch work is small, the server's cores matter
+    limit_client_threads()
     from treadle.rl.envs.registry import UnknownEnvError
     from treadle.rl.training import build_config, parse_overrides
 

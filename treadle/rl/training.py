@@ -37,6 +37,12 @@ TRAIN_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("eval_every", 0, "test-split eval cadence in steps (0 = off)", minimum=0),
     ConfigKey("save_every", 0, "checkpoint cadence in steps (0 = only the final one)", minimum=0),
     ConfigKey("test_tasks", 32, "test-split tasks per evaluation", minimum=1),
+    ConfigKey(
+        "episode_timeout_s",
+        0.0,
+        "wall-clock seconds per episode (0 = the env's limit; raise it when the server is slow or shared)",
+        minimum=0.0,
+    ),
     ConfigKey("max_steps_off_policy", 0, "async RL: sampler staleness bound (0 = synchronous)", minimum=0),
 )
 
@@ -93,6 +99,7 @@ def build_config(env_name: str, overrides: dict[str, Any]) -> Any:
         test_tasks=settings["test_tasks"],
         seed=int(env_config.get("seed", 0)),
         env_config=env_config,
+        episode_timeout_s=settings["episode_timeout_s"],
     )
     async_config = None
     if settings["max_steps_off_policy"]:

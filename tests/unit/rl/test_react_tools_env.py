@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from tests.unit.rl.helpers import play, stop_reason, total
@@ -64,3 +65,42 @@ def test_sandbox_that_cannot_start_ends_rollout() -> None:
     results = play(ReactToolsEnv(_task(), sandbox_dir="/nonexistent/treadle"), ["<calc>1+1</calc>"])
     assert len(results) == 1 and stop_reason(results) == "tool_error" and total(results) == 0.0
     assert "could not create its directory" in str(results[0].next_messages[-1]["content"])
+
+
+def test_curriculum_hint_and_tool_bonus() -> None:
+    """`hint` only adds the nudge to the task; `tool_bonus` pays once, for a tool call that ran, never above 1."""
+    task = _task(1)
+    plain = play(ReactToolsEnv(task), [f"Answer: {task.answer}"])
+    hinted_env = ReactToolsEnv(task, hint=True, tool_bonus=0.2)
+    first = str(asyncio.run(hinted_env.initial_observation())[-1]["content"])
+    assert first.startswith(task.question) and first.endswith("Reply with a <calc> tool call first.")
+    results = play(
+        hinted_env, ["<calc>1/0</calc>", "<calc>2+2</calc>", "<calc>3+3</calc>", f"Answer: {task.answer}"]
+    )
+    assert [r.reward for r in results] == [
+        0.0,
+        0.2,
+        0.0,
+        1.0,
+    ]  # the failed call earns nothing; one bonus only
+    assert total(plain) == 1.0
+    # tool loop without an answer: one bonus, far below answering
+    loop = play(ReactToolsEnv(task, tool_bonus=0.5), ["<calc>1+1</calc>"])
+    assert total(loop) == 0.5 and stop_reason(loop) == "max_tool_calls"
+
+
+def test_episode_timeout_override_applies_to_every_env_of_a_group() -> None:
+    """The `episode_timeout_s` training key replaces the env's wall-clock limit in every env the group makes."""
+    from tinker_cookbook import renderers
+    from transformers import AutoTokenizer
+
+    from treadle.models.embedded import embedded_tokenizer_dir
+    from treadle.rl.envs.dataset import build_split
+
+    renderer = renderers.get_renderer(
+        "qwen3_instruct", AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
+    )
+    for override, expected in ((0.0, LIMITS.episode_timeout_s), (900.0, 900.0)):
+        split = build_split("react_tools", "test", {"level": 1}, renderer, 2, 1, episode_timeout_s=override)
+        envs = asyncio.run(split.get_batch(0)[0].make_envs())
+        assert [e.message_env.limits.episode_timeout_s for e in envs] == [expected, expected]  # type: ignore[attr-defined]

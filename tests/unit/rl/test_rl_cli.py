@@ -52,7 +52,14 @@ def test_build_config_maps_keys_to_cookbook_config(tmp_path) -> None:  # noqa: A
     )
     assert config.max_steps == 3 and config.log_path == str(tmp_path)
     assert config.max_tokens == 128  # the env's max_tokens_per_turn
-    assert config.dataset_builder.env_config == {"level": 2, "seed": 0, "demo": 0}
+    assert config.dataset_builder.env_config == {
+        "level": 2,
+        "seed": 0,
+        "demo": 0,
+        "hint": 0,
+        "tool_bonus": 0.0,
+    }
+    assert config.dataset_builder.episode_timeout_s == 0.0  # 0 = the env's own wall-clock limit
     assert (config.dataset_builder.group_size, config.dataset_builder.batch_size) == (2, 3)
     assert config.rollout_error_tolerance is True
     assert config.async_config is None

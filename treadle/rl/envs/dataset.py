@@ -10,7 +10,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import chz
@@ -19,6 +19,7 @@ from tinker_cookbook.rl.message_env import EnvFromMessageEnv
 from tinker_cookbook.rl.types import Env, EnvGroupBuilder, RLDataset, RLDatasetBuilder
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 
+from treadle.rl.envs.episode import TurnEnv
 from treadle.rl.envs.registry import get_env
 
 logger = logging.getLogger(__name__)
@@ -48,11 +49,17 @@ class TaskGroupBuilder(EnvGroupBuilder):
     renderer: Renderer
     group_size: int
     split: str
+    # > 0 replaces the env's wall-clock limit per episode (a training setting, not part of the task)
+    episode_timeout_s: float = 0.0
 
     async def make_envs(self) -> Sequence[Env]:
         spec = get_env(self.env_name)
         config = dict(self.config)
         message_envs = [spec.make_env(self.task, config) for _ in range(self.group_size)]
+        if self.episode_timeout_s > 0:
+            for env in message_envs:
+                if isinstance(env, TurnEnv):
+                    env.limits = replace(env.limits, episode_timeout_s=self.episode_timeout_s)
         # kept (outside the dataclass fields) so cleanup() can close episodes the cookbook ended early
         object.__setattr__(self, "_made", [*getattr(self, "_made", []), *message_envs])
         return [
@@ -105,6 +112,7 @@ def build_split(
     batch_size: int,
     seed: int = 0,
     max_tasks: int | None = None,
+    episode_timeout_s: float = 0.0,
 ) -> TaskDataset:
     spec = get_env(env_name)
     config = spec.resolve_config(env_config)
@@ -114,7 +122,9 @@ def build_split(
     if max_tasks is not None:
         tasks = tasks[:max_tasks]
     frozen = tuple(sorted(config.items()))
-    builders = tuple(TaskGroupBuilder(env_name, t, frozen, renderer, group_size, split) for t in tasks)
+    builders = tuple(
+        TaskGroupBuilder(env_name, t, frozen, renderer, group_size, split, episode_timeout_s) for t in tasks
+    )
     return TaskDataset(builders, batch_size)
 
 
@@ -131,11 +141,19 @@ class TreadleEnvDatasetBuilder(RLDatasetBuilder):
     test_tasks: int = 32
     seed: int = 0
     env_config: dict[str, Any] = chz.field(default_factory=dict)
+    episode_timeout_s: float = 0.0
 
     async def __call__(self) -> tuple[RLDataset, RLDataset | None]:
         renderer = get_renderer(self.renderer_name, get_tokenizer(self.model_name))
         train = build_split(
-            self.env_name, "train", self.env_config, renderer, self.group_size, self.batch_size, self.seed
+            self.env_name,
+            "train",
+            self.env_config,
+            renderer,
+            self.group_size,
+            self.batch_size,
+            self.seed,
+            episode_timeout_s=self.episode_timeout_s,
         )
         test = build_split(
             self.env_name,
@@ -145,5 +163,6 @@ class TreadleEnvDatasetBuilder(RLDatasetBuilder):
             self.test_group_size,
             self.test_tasks,
             max_tasks=self.test_tasks,
+            episode_timeout_s=self.episode_timeout_s,
         )
         return train, test

@@ -32,6 +32,13 @@ LIMITS = EnvLimits(
     episode_timeout_s=120.0,
 )
 TOOL_OUTPUT_CHARS = 600
+# `hint=1` (a curriculum aid): the untrained 135M default model almost never writes a tool call on its own
+# (0 of 48 samples with the demo); ending the task with this nudge gets one in about six, enough for RL to start.
+HINT = "\nReply with a <calc> tool call first."
+# `tool_bonus=B` (curriculum shaping, default 0): the episode's first tool call that runs without error earns B.
+# Paid once per episode and capped below the answer's 1.0, so calling tools without answering never beats
+# answering (the exploit suite checks the tool-loop policy against the honest one).
+MAX_TOOL_BONUS = 0.5
 
 SYSTEM_PROMPT = (
     "Solve the word problem. You can use tools: <calc>EXPRESSION</calc> evaluates arithmetic, and "
@@ -75,12 +82,17 @@ class ReactToolsEnv(TurnEnv):
         limits: EnvLimits = LIMITS,
         sandbox_dir: str | None = None,
         demo: bool = False,
+        hint: bool = False,
+        tool_bonus: float = 0.0,
     ) -> None:
-        super().__init__(SYSTEM_PROMPT, task.question, limits, DEMO if demo else None)
+        question = task.question + (HINT if hint else "")
+        super().__init__(SYSTEM_PROMPT, question, limits, DEMO if demo else None)
         self.task = task
         self.sandbox_dir = sandbox_dir
         self.sandbox: SubprocessSandbox | None = None
         self.correct = False
+        self.tool_bonus = tool_bonus
+        self.bonus_paid = False
 
     async def respond(self, text: str) -> Turn:
         tool = _TOOL.search(text)
@@ -123,7 +135,10 @@ class ReactToolsEnv(TurnEnv):
             reply, failed = f"Tool error: {last}", 1.0
         else:
             reply, failed = f"Output:\n{output or '(nothing printed)'}", 0.0
-        return Turn(0.0, reply, tool_calls=1, metrics={"tool_error": failed, f"tool/{kind}": 1.0})
+        bonus = 0.0
+        if not failed and not self.bonus_paid:
+            bonus, self.bonus_paid = self.tool_bonus, True
+        return Turn(bonus, reply, tool_calls=1, metrics={"tool_error": failed, f"tool/{kind}": 1.0})
 
     async def close(self) -> None:
         if self.sandbox is not None:
@@ -148,9 +163,27 @@ SPEC = EnvSpec(
         ),
         seed_key("problem"),
         DEMO_KEY,
+        ConfigKey(
+            "hint",
+            0,
+            "1 = the task ends with a nudge to call the calculator first (helps small models start)",
+            choices=(0, 1),
+        ),
+        ConfigKey(
+            "tool_bonus",
+            0.0,
+            "reward for the episode's first tool call that runs (curriculum shaping; once per episode)",
+            minimum=0.0,
+            maximum=MAX_TOOL_BONUS,
+        ),
     ),
     make_tasks=make_tasks,
-    make_env=lambda task, config: ReactToolsEnv(task, demo=bool(config.get("demo", 0))),
+    make_env=lambda task, config: ReactToolsEnv(
+        task,
+        demo=bool(config.get("demo", 0)),
+        hint=bool(config.get("hint", 0)),
+        tool_bonus=float(config.get("tool_bonus", 0.0)),
+    ),
 )
 
 
