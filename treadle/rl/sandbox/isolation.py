@@ -1,8 +1,16 @@
-"""How this machine can isolate sandboxed commands: a network namespace, a pids cgroup, or neither.
+"""How this machine can isolate sandboxed commands: mount and network namespaces, a pids cgroup, or neither.
 
-- Network: `unshare -rn` (user + network namespace: only a downed loopback, so no route anywhere) when the
-  kernel allows it — as root, or with unprivileged user namespaces. Without it, commands keep the host network
-  and `network_isolation()` says "none"; the Python tool still refuses sockets (see `guard.py`).
+- Filesystem: a private mount namespace (see `mountns.py`) in which the host is read-only, `/tmp`,
+  `/var/tmp`, `/dev/shm` and `/proc` are empty, and only the sandbox directory is writable — as root too,
+  since the command runs in a user namespace without capabilities. `filesystem_isolation()` is "mountns"
+  when a probe command here could not write next to its directory but could write inside it; else "none":
+  shell commands can then write wherever the host user can, and only the Python tool's audit-hook guard
+  (`guard.py`) refuses writes and reads outside the sandbox directory.
+
+- Network: a network namespace (only a downed loopback, so no route anywhere), made together with the mount
+  namespace, or by `unshare -rn` where only that works, when the kernel allows it — as root, or with
+  unprivileged user namespaces. Without it, commands keep the host network and `network_isolation()` says
+  "none"; the Python tool still refuses sockets (see `guard.py`).
 - Processes: a cgroup-v1/v2 pids group with `pids.max` when its directory is writable (root on most Linux
   hosts and containers), else RLIMIT_NPROC (effective for non-root users; the kernel exempts uid 0).
 """
@@ -13,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import uuid
 from functools import cache
 from pathlib import Path
@@ -34,7 +43,33 @@ def netns_prefix() -> tuple[str, ...] | None:
 
 
 def network_isolation() -> str:
-    return "netns" if netns_prefix() is not None else "none"
+    return "netns" if filesystem_isolation() == "mountns" or netns_prefix() is not None else "none"
+
+
+@cache
+def filesystem_isolation() -> str:
+    """Probed once: "mountns" when sandboxed commands see the host read-only, else "none"."""
+    try:
+        from treadle.rl.sandbox.mountns import FsJail
+    except (OSError, AttributeError):  # no libc with unshare/mount (not Linux)
+        return "none"
+    with tempfile.TemporaryDirectory(prefix="treadle-sbx-probe-") as outer:
+        box = Path(outer, "box")
+        box.mkdir()
+        script = "echo in > inside; (echo out > ../outside) 2>/dev/null; true"
+        try:
+            subprocess.run(
+                ["/bin/sh", "-c", script],
+                cwd=box,
+                preexec_fn=FsJail(str(box.resolve())).enter,
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return "none"
+        contained = (box / "inside").exists() and not Path(outer, "outside").exists()
+    return "mountns" if contained else "none"
 
 
 @cache

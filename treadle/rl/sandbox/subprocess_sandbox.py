@@ -4,8 +4,9 @@ Each sandbox owns a fresh temporary directory. Commands run under `/bin/sh -c` i
 scrubbed environment (no API keys), in their own session/process group, with rlimits (CPU time, address
 space, file size, processes — see `isolation.py` for the pids cgroup used where uid 0 ignores RLIMIT_NPROC),
 without network when a namespace can be made, and a wall-clock timeout after which the whole group is
-SIGKILLed. stdout/stderr are captured up to `max_output_bytes` each; a command that writes past that is
-killed. Every failure comes back as a `SandboxResult` with a non-zero exit code and an explanation in
+SIGKILLed. Where the kernel allows (`filesystem_isolation() == "mountns"`), each command runs in a private
+mount namespace (`mountns.py`): the host read-only and only the sandbox directory writable, as root too.
+stdout/stderr are captured up to `max_output_bytes` each; a command that writes past that is killed. Every failure comes back as a `SandboxResult` with a non-zero exit code and an explanation in
 stderr; only a sandbox that cannot start at all raises (`SandboxStartError`).
 """
 
@@ -27,8 +28,9 @@ from tinker_cookbook.exceptions import SandboxError
 from tinker_cookbook.sandbox.sandbox_interface import SandboxResult
 
 from treadle.rl.sandbox.guard import BOOTSTRAP
-from treadle.rl.sandbox.isolation import PidsGroup, netns_prefix
+from treadle.rl.sandbox.isolation import PidsGroup, filesystem_isolation, netns_prefix
 from treadle.rl.sandbox.limits import SandboxLimits
+from treadle.rl.sandbox.mountns import FsJail
 
 TIMEOUT_EXIT = 124
 OUTPUT_LIMIT_EXIT = 125
@@ -83,7 +85,17 @@ class SubprocessSandbox:
 
     @property
     def network_isolated(self) -> bool:
-        return not self.network and netns_prefix() is not None
+        return not self.network and (filesystem_isolation() == "mountns" or netns_prefix() is not None)
+
+    @property
+    def filesystem_isolated(self) -> bool:
+        """Commands can write only inside `root` (see `mountns.py`); else only the Python guard confines writes."""
+        return filesystem_isolation() == "mountns"
+
+    def _jail(self) -> FsJail | None:
+        if not self.filesystem_isolated:
+            return None
+        return FsJail(str(self.root.resolve()), isolate_network=not self.network)
 
     async def send_heartbeat(self, timeout: int = 30) -> None:
         return None
@@ -104,13 +116,15 @@ class SubprocessSandbox:
                 stdout="", stderr=f"sandbox: no such directory in the sandbox: {workdir}", exit_code=1
             )
         argv: list[str] = ["/bin/sh", "-c", command]
-        prefix = netns_prefix()
+        jail = self._jail()  # the mount namespace brings its own network namespace
+        prefix = netns_prefix() if jail is None else None
         if not self.network and prefix is not None:
             argv = [*prefix, *argv]
         wall = min(float(timeout), self.limits.wall_timeout_s)
         cap = min(max_output_bytes or self.limits.max_output_bytes, self.limits.max_output_bytes)
         group = PidsGroup.create(self.limits.max_processes)
-        env = {"PATH": _SAFE_PATH, "HOME": str(self.root), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {"PATH": _SAFE_PATH, "HOME": str(self.root), "TMPDIR": str(self.root), "LANG": "C.UTF-8"}
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
         start = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -120,7 +134,7 @@ class SubprocessSandbox:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                preexec_fn=self._preexec(group),
+                preexec_fn=self._preexec(group, jail),
             )
         except (OSError, subprocess.SubprocessError) as e:
             if group is not None:
@@ -134,7 +148,7 @@ class SubprocessSandbox:
             if group is not None:
                 await asyncio.to_thread(group.remove)
 
-    def _preexec(self, group: PidsGroup | None):  # noqa: ANN202 - a closure for Popen
+    def _preexec(self, group: PidsGroup | None, jail: FsJail | None):  # noqa: ANN202 - a closure for Popen
         limits = self.limits
         # RLIMIT_NPROC counts every task of the user, not just the sandbox's: allow what already runs plus the budget
         nproc = _user_task_count() + limits.max_processes
@@ -146,6 +160,8 @@ class SubprocessSandbox:
                     group.join()
                 except OSError:
                     pass  # the cgroup refused us (e.g. a delegated v2 tree): RLIMIT_NPROC below still applies
+            if jail is not None:
+                jail.enter()  # after joining the cgroup (host permissions), before the rlimits (see mountns.py)
             resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
             resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
             resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes, limits.file_size_bytes))
