@@ -3,6 +3,7 @@ served models and checkpoints as the Tinker API, so a trained adapter is address
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from treadle.errors import AuthError, NotFoundError, TreadleError
@@ -29,6 +30,11 @@ class ServiceOpenAIBackend:
 
     def served_models(self, owner: str) -> list[str]:
         return self._service.pool.names()
+
+    async def hold_sampling_tokens(self, owner: str, tokens: int) -> Callable[[], None]:
+        """Hold `tokens` in the server's sampling budget (shared with Tinker `asample`), waiting up to
+        `--queue-wait-s` for room, else a 429 naming the limit; returns the release."""
+        return await self._service.admission.wait_for_tokens(owner, tokens)
 
     def resolve(self, model: str, owner: str) -> tuple[Engine, str | None]:
         svc = self._service

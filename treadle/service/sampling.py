@@ -1,5 +1,7 @@
 """Sampling sessions (base model, checkpoint or in-memory snapshot), sample requests, their cancellation,
-and retrieving futures; a sample resolves on the resolver thread so generation never waits on the DB."""
+and retrieving futures; a sample resolves on the resolver thread so generation never waits on the DB. A sample
+is accepted even when the server is out of sampling tokens: it then waits in the admission queue (its future
+polls as `paused_capacity`) and starts when room frees."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 from treadle.engine.types import SampleRequest
 from treadle.errors import NotFoundError, TreadleError, UserError, require
 from treadle.service import paths
+from treadle.service.limits import Admission
 from treadle.service.paths import CheckpointRef
 from treadle.service.state import LoadedSampler, ServiceState
 from treadle.service.workers import Worker
@@ -17,8 +20,9 @@ from treadle.store import SamplerRow
 
 
 class Sampling:
-    def __init__(self, state: ServiceState) -> None:
+    def __init__(self, state: ServiceState, admission: Admission) -> None:
         self.s = state
+        self.admission = admission  # sampling tokens in flight, and the queue of samples waiting for room
 
     async def create_sampling_session(
         self,
@@ -122,6 +126,9 @@ class Sampling:
             await asyncio.to_thread(engine.prepare_sample, req)
         self._validate_sample(req, engine.info.vocab_size, engine.info.max_context_length)
         req.adapter_id = target.adapter_id
+        tokens = max(1, int(req.num_samples)) * (len(req.prompt) + int(req.params.max_tokens))
+        budget = self.admission.budget
+        self.admission.check_queue_room(owner)  # before the future exists: a refusal leaves nothing behind
         rid, new = s.hub.create(owner, "sample", f"sample:{sampler_id}:{seq_id}")
         if new:
             s.completions.bind()
@@ -132,14 +139,37 @@ class Sampling:
                 resolve(outcome)
                 s.completions.record_threadsafe(sampler_id, rid, isinstance(outcome, TreadleError))
 
-            try:
-                fut = engine.sample(req)
-            except TreadleError as e:
-                done(e)
-            else:
-                s.sampling[rid] = fut
-                fut.add_done_callback(lambda f: s.resolver.submit(done, _future_outcome(f)))
+            def finished(f: concurrent.futures.Future[Any]) -> None:
+                budget.release(owner, tokens)  # first, so queued work starts while this one resolves
+                s.resolver.submit(done, _future_outcome(f))
+
+            def start() -> None:
+                # Runs now or, if the server is out of sampling tokens, when room frees (on the event loop).
+                try:
+                    fut = engine.sample(req)
+                except Exception as e:
+                    budget.release(owner, tokens)
+                    done(e if isinstance(e, TreadleError) else TreadleError(f"sampling failed: {e}"))
+                else:
+                    s.sampling[rid] = fut
+                    fut.add_done_callback(finished)
+
+            # Dropped from the queue (cancel_future, the session ended): it never held tokens.
+            self.admission.queue_sample(rid, owner, tokens, start, done, sampler_id.rsplit(":sample:", 1)[0])
         return rid, [f"{rid}:{i}" for i in range(req.num_samples)]
+
+    def queue_reason(self, owner: str, request_id: str) -> str | None:
+        """Why a sample of `owner` still waits for room (None if it is not queued)."""
+        if self.s.hub.owner_of(request_id) != owner:
+            return None
+        return self.admission.budget.reason(request_id)
+
+    def drop_queued(self, session_id: str, why: str) -> int:
+        """Fail a session's samples still queued for room (its session ended); returns how many."""
+        err = UserError(
+            f"request_id: {why} while this sample was queued for room; it never ran", field="request_id"
+        )
+        return self.admission.budget.cancel_group(session_id, err)
 
     async def retrieve_futures(
         self, owner: str, sampler_id: str, prev_cursor: int, timeout_s: float
@@ -178,6 +208,9 @@ class Sampling:
         Training ops are never cancelled: later seq_ids depend on them. Unknown or finished ids: no-op."""
         if self.s.hub.owner_of(request_id) != owner:
             return False
+        cancelled = UserError("request_id: the request was cancelled (cancel_future)", field="request_id")
+        if self.admission.budget.cancel(request_id, cancelled):
+            return True  # still queued for room: it never started
         fut = self.s.sampling.get(request_id)
         return fut.cancel() if fut is not None else False
 

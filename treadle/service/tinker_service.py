@@ -7,7 +7,6 @@ ownership and TTLs. The API layer decodes wire types into the arguments here and
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ __all__ = ["MAX_TTL_S", "ResultCodec", "ServiceConfig", "TinkerService"]
 
 log = logging.getLogger(__name__)
 
+QUEUED_POLL_S = 2.0  # how long a retrieve_future long-poll of a queued request waits before its 408 says why
+
 
 class TinkerService:
     def __init__(
@@ -45,7 +46,6 @@ class TinkerService:
     ) -> None:
         self.auth = auth
         self.admission = Admission(limits or Limits())
-        self._releases: set[asyncio.Task[None]] = set()
         state = ServiceState(cfg, store, pool, codec)
         self._state = state
         self.cfg = state.cfg
@@ -59,7 +59,7 @@ class TinkerService:
         self._sessions = Sessions(state)
         self._training = Training(state)
         self._weights = Weights(state)
-        self._sampling = Sampling(state)
+        self._sampling = Sampling(state, self.admission)
         self._checkpoints = Checkpoints(state)
         self._custom_losses = CustomLosses(state)
         remove_orphan_checkpoints(state.store, state.blobs.root)
@@ -83,6 +83,7 @@ class TinkerService:
 
     async def finish_session(self, owner: str, session_id: str) -> None:
         await self._sessions.finish_session(owner, session_id)
+        self._sampling.drop_queued(session_id, "the session finished")
 
     def list_sessions(self, owner: str, status: str | None, limit: int, offset: int) -> list[str]:
         return self._sessions.list_sessions(owner, status, limit, offset)
@@ -92,7 +93,10 @@ class TinkerService:
 
     def expire_sessions(self) -> list[str]:
         """Sessions silent for longer than the timeout: mark expired, free their adapters (files stay)."""
-        return self._sessions.expire_sessions()
+        stale = self._sessions.expire_sessions()
+        for sid in stale:
+            self._sampling.drop_queued(sid, "the session expired (no heartbeat)")
+        return stale
 
     # ---- training --------------------------------------------------------------------------------------
     def create_model(
@@ -216,30 +220,11 @@ class TinkerService:
     async def sample(
         self, owner: str, sampler_id: str, seq_id: int, req: SampleRequest
     ) -> tuple[str, list[str]]:
-        tokens = max(1, int(req.num_samples)) * (len(req.prompt) + int(req.params.max_tokens))
-        self.admission.reserve_tokens(tokens)
-        try:
-            rid, seq_ids = await self._sampling.sample(owner, sampler_id, seq_id, req)
-        except BaseException:
-            self.admission.release_tokens(tokens)
-            raise
-        task = asyncio.create_task(self._release_when_done(rid, owner, tokens))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-        return rid, seq_ids
+        """Accepted at once; over the sampling-token budget the work queues (see `treadle.service.token_budget`)."""
+        return await self._sampling.sample(owner, sampler_id, seq_id, req)
 
     def _admit_run(self, owner: str) -> None:
         self.admission.admit_run(sum(1 for m in self._state.models.values() if m.owner == owner))
-
-    async def _release_when_done(self, request_id: str, owner: str, tokens: int) -> None:
-        """Give a sampling request's tokens back once its future resolves (result, error or cancel)."""
-        try:
-            while await self.hub.wait(request_id, owner, 3600.0) is None:
-                await asyncio.sleep(0.1)  # pending in the DB but not held here: poll gently
-        except Exception:  # the future is gone: nothing holds its tokens any more
-            pass
-        finally:
-            self.admission.release_tokens(tokens)
 
     async def retrieve_futures(
         self, owner: str, sampler_id: str, prev_cursor: int, timeout_s: float
@@ -253,9 +238,15 @@ class TinkerService:
         return self._sampling.cancel(owner, request_id)
 
     async def retrieve(self, owner: str, request_id: str, timeout_s: float | None = None) -> Outcome | None:
-        return await self.hub.wait(
-            request_id, owner, timeout_s if timeout_s is not None else self.cfg.retrieve_timeout_s
-        )
+        wait_s = timeout_s if timeout_s is not None else self.cfg.retrieve_timeout_s
+        if self.queue_reason(owner, request_id) is not None:
+            # Queued for room: answer sooner, so the poller sees why it waits (and the SDK polls again at once).
+            wait_s = min(wait_s, QUEUED_POLL_S)
+        return await self.hub.wait(request_id, owner, wait_s)
+
+    def queue_reason(self, owner: str, request_id: str) -> str | None:
+        """Why `owner`'s request still waits for room (the limit and its current use); None if not queued."""
+        return self._sampling.queue_reason(owner, request_id)
 
     # ---- REST: runs and checkpoints -------------------------------------------------------------------
     def capabilities(self) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,24 @@ class LiveGeneration:
                 pass
 
         return on_done
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once every request of this response has stopped generating (finished, failed or
+        cancelled), from whichever thread ends the last one."""
+        left = [len(self._pending)]
+        lock = threading.Lock()
+
+        def one_done(_f: object) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                callback()
+
+        if not self._pending:
+            callback()
+        for p in self._pending:
+            p.future.add_done_callback(one_done)
 
     def cancel(self) -> None:
         """Stop whatever is still generating (the client went away, or the stream ended early)."""

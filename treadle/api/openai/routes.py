@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from treadle.api.openai.admission import hold_tokens
 from treadle.api.openai.backend import OpenAIBackend
 from treadle.api.openai.chat import end_of_turn_ids, parse_tool_calls, render_chat
 from treadle.api.openai.generation import Choice, GenerationSpec, generate
@@ -52,7 +53,10 @@ async def _guarded(handler: Callable[[], Awaitable[Response]]) -> Response:
     try:
         return await handler()
     except TreadleError as e:
-        return JSONResponse(error_body(e), status_code=e.status_code)
+        # a limit (429): the openai client waits Retry-After, then retries
+        retry_after = getattr(e, "retry_after_s", None)
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+        return JSONResponse(error_body(e), status_code=e.status_code, headers=headers)
     except Exception as e:  # a bug must still reach the client in OpenAI's shape, not as a bare 500 page
         log.exception("openai api: unexpected error")
         err = TreadleError(f"internal error: {type(e).__name__}: {e}")
@@ -138,7 +142,7 @@ async def chat_completions(
     # alternatives come from re-scoring the finished reply.
     if req.stream and not names and spec.top_logprobs == 0:
         head = _head("chatcmpl", "chat.completion.chunk", req.model)
-        live = LiveGeneration(engine, adapter_id, [spec])  # submits now: bad input is a 4xx, not a stream
+        live = await _live(backend, owner, engine, adapter_id, [spec])
         clock.mark_submitted()
         chunks = live_chat_chunks(
             head, engine.tokenizer, live, logprobs=req.logprobs, include_usage=want_usage
@@ -148,8 +152,12 @@ async def chat_completions(
                 chunks, _live_recorder(deployments, target, head["id"], "chat", raw, [spec], live, clock)
             )
         return tag(live_sse_response(live, chunks), target)
+    release = await hold_tokens(backend, owner, engine, [spec])
     clock.mark_submitted()
-    choices = await generate(engine, adapter_id, spec, clock.on_token if target is not None else None)
+    try:
+        choices = await generate(engine, adapter_id, spec, clock.on_token if target is not None else None)
+    finally:
+        release()
     calls = [parse_tool_calls(c.text, names) for c in choices]
     if not req.parallel_tool_calls:
         calls = [(content, found[:1]) for content, found in calls]
@@ -179,6 +187,21 @@ async def chat_completions(
         "usage": use,
     }
     return tag(JSONResponse(body), target)
+
+
+async def _live(
+    backend: OpenAIBackend, owner: str, engine: Engine, adapter_id: str | None, specs: list[GenerationSpec]
+) -> LiveGeneration:
+    """Wait for sampling room, then submit (bad input is a 4xx, not a stream); the tokens are held until every
+    request of the stream stops generating, however the stream ends."""
+    release = await hold_tokens(backend, owner, engine, specs)
+    try:
+        live = LiveGeneration(engine, adapter_id, specs)
+    except BaseException:
+        release()
+        raise
+    live.when_done(release)
+    return live
 
 
 def _live_recorder(
@@ -268,7 +291,7 @@ async def completions(
         req.stream and not req.logprobs
     ):  # logprobs > 0 asks for top-k alternatives: those need the whole reply
         head = _head("cmpl", "text_completion", req.model)
-        live = LiveGeneration(engine, adapter_id, specs)
+        live = await _live(backend, owner, engine, adapter_id, specs)
         clock.mark_submitted()
         chunks = live_completion_chunks(
             head, engine.tokenizer, live, logprobs=want_lp, include_usage=want_usage
@@ -280,9 +303,13 @@ async def completions(
             )
         return tag(live_sse_response(live, chunks), target)
     # All prompts go to the sampler at once so they are decoded in the same continuous batch.
+    release = await hold_tokens(backend, owner, engine, specs)
     clock.mark_submitted()
     on_token = clock.on_token if target is not None else None
-    per_prompt = await asyncio.gather(*(generate(engine, adapter_id, s, on_token) for s in specs))
+    try:
+        per_prompt = await asyncio.gather(*(generate(engine, adapter_id, s, on_token) for s in specs))
+    finally:
+        release()
     choices = [c for cs in per_prompt for c in cs]
     head = _head("cmpl", "text_completion", req.model)
     use = usage(sum(len(p) for p in prompts), choices)

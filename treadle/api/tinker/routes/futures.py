@@ -21,10 +21,13 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
         rid = f.get("request_id", str)
         outcome = await service.retrieve(who, rid)
         if outcome is None:
-            # 408 makes the SDK re-poll at once without logging (protocol §4.2).
-            return JSONResponse(
-                {"detail": "pending", "request_id": rid, "queue_state": "active"}, status_code=408
-            )
+            # 408 makes the SDK re-poll at once (protocol §4.2); a sample queued for sampling tokens says so,
+            # and why, in the fields the SDK hands its QueueStateObserver.
+            reason = service.queue_reason(who, rid)
+            body: dict[str, Any] = {"detail": "pending", "request_id": rid, "queue_state": "active"}
+            if reason is not None:
+                body.update(queue_state="paused_capacity", queue_state_reason=reason)
+            return JSONResponse(body, status_code=408)
         if outcome.error is not None:
             return JSONResponse({"error": outcome.error, "category": outcome.category or "unknown"})
         if outcome.proto is not None:
