@@ -1,8 +1,9 @@
 """Filesystem containment of shell commands (issue 13): writes outside the sandbox directory fail, as root too.
 
-Where the kernel gives no mount namespace (`filesystem_isolation() == "none"`) these tests are skipped: shell
-commands there can write wherever the host user can, and only the Python tool's audit-hook guard confines
-writes and reads (tested in test_sandbox.py, which runs everywhere).
+Where the kernel gives no mount namespace (`filesystem_isolation() == "none"`) the `needs_mountns` tests are
+skipped: shell commands there can write wherever the host user can, and only the Python tool's audit-hook
+guard confines writes and reads (`test_python_tool_writes_outside_refused_everywhere` and test_sandbox.py,
+which run everywhere).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from treadle.rl.sandbox import SandboxLimits, SubprocessSandbox
 from treadle.rl.sandbox.isolation import filesystem_isolation
 from treadle.rl.sandbox.mountns import FsJail
 
-pytestmark = pytest.mark.skipif(
+needs_mountns = pytest.mark.skipif(
     filesystem_isolation() != "mountns",
     reason="no mount namespace here: shell commands write wherever the host user can; "
     "only the Python tool's guard confines writes (test_sandbox.py)",
@@ -51,6 +52,21 @@ def _planted(directory: Path) -> Path:
     return directory / f"treadle-h13-{uuid.uuid4().hex[:10]}"
 
 
+def test_isolation_reported(sandbox: SubprocessSandbox) -> None:
+    assert filesystem_isolation() in ("mountns", "none")
+    assert sandbox.filesystem_isolated == (filesystem_isolation() == "mountns")
+
+
+def test_python_tool_writes_outside_refused_everywhere(sandbox: SubprocessSandbox) -> None:
+    """With or without a mount namespace, the Python tool's guard refuses every outside write."""
+    for where in HOST_TARGETS:
+        target = _planted(_target_dir(where, sandbox))
+        r = run(sandbox.run_python(f"open({str(target)!r}, 'w').write('pwned')"))
+        assert r.exit_code == 1 and "writing outside the sandbox directory is not allowed" in r.stderr, r
+        assert not target.exists()
+
+
+@needs_mountns
 @pytest.mark.parametrize("where", HOST_TARGETS)
 def test_shell_writes_outside_fail(sandbox: SubprocessSandbox, where: str) -> None:
     directory = _target_dir(where, sandbox)
@@ -72,6 +88,7 @@ def test_shell_writes_outside_fail(sandbox: SubprocessSandbox, where: str) -> No
         assert not target.exists(), (verb, target)
 
 
+@needs_mountns
 def test_python_subprocess_writes_outside_fail(sandbox: SubprocessSandbox) -> None:
     """A plain interpreter (no guard) writing itself and through `subprocess` gets EROFS everywhere outside."""
     targets = [_planted(_target_dir(w, sandbox)) for w in HOST_TARGETS if _target_dir(w, sandbox).is_dir()]
@@ -99,6 +116,7 @@ def test_python_subprocess_writes_outside_fail(sandbox: SubprocessSandbox) -> No
     assert (sandbox.root / "inside2.txt").read_text() == "also\n"
 
 
+@needs_mountns
 def test_writes_inside_still_work(sandbox: SubprocessSandbox) -> None:
     r = run(
         sandbox.run_command(
@@ -122,6 +140,7 @@ def test_writes_inside_still_work(sandbox: SubprocessSandbox) -> None:
     assert (sandbox.root / "from_python.txt").read_text() == "ok"
 
 
+@needs_mountns
 def test_containment_cannot_be_undone(sandbox: SubprocessSandbox) -> None:
     """No capabilities: remount, unmount, a nested namespace or /proc/1/root lead back to nothing writable."""
     target = _planted(Path("/etc"))
@@ -149,6 +168,7 @@ def test_containment_cannot_be_undone(sandbox: SubprocessSandbox) -> None:
     assert "OSError" in r.stderr and not target.exists()
 
 
+@needs_mountns
 def test_host_temporary_files_and_processes_hidden(sandbox: SubprocessSandbox) -> None:
     """Reading the env's answer files in the host's /tmp, or its memory through /proc, is refused."""
     with tempfile.TemporaryDirectory(dir="/tmp") as host_dir:
@@ -168,6 +188,7 @@ def test_host_temporary_files_and_processes_hidden(sandbox: SubprocessSandbox) -
     assert (r.exit_code, r.stdout) == (0, "")
 
 
+@needs_mountns
 def test_remount_fallback_for_old_kernels(
     sandbox: SubprocessSandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
