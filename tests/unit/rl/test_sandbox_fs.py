@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import socket
 import sys
 import tempfile
 import uuid
@@ -202,3 +203,23 @@ def test_remount_fallback_for_old_kernels(
         assert not target.exists()
     r = run(sandbox.run_command("echo in > inside.txt && cat inside.txt"))
     assert (r.exit_code, r.stdout) == (0, "in\n"), r
+
+
+@needs_mountns
+def test_host_daemon_sockets_under_run_hidden(sandbox: SubprocessSandbox) -> None:
+    """A root daemon's Unix socket under /run (docker, dbus) cannot be connected to: /run is empty in there."""
+    path = Path("/run", f"treadle-h13-{uuid.uuid4().hex[:10]}.sock")
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(path))
+    except OSError:
+        server.close()
+        pytest.skip("/run is not writable here, so no host socket to plant")
+    try:
+        server.listen(1)
+        code = f"import socket\nprint(socket.socket(socket.AF_UNIX).connect_ex({str(path)!r}))"
+        r = run(sandbox.run_command(f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"))
+        assert (r.exit_code, r.stdout.strip()) == (0, "2"), r  # ENOENT, not a connection
+    finally:
+        server.close()
+        path.unlink()

@@ -1,8 +1,8 @@
 """How this machine can isolate sandboxed commands: mount and network namespaces, a pids cgroup, or neither.
 
 - Filesystem: a private mount namespace (see `mountns.py`) in which the host is read-only, `/tmp`,
-  `/var/tmp`, `/dev/shm` and `/proc` are empty, and only the sandbox directory is writable — as root too,
-  since the command runs in a user namespace without capabilities. `filesystem_isolation()` is "mountns"
+  `/var/tmp`, `/dev/shm`, `/run` and `/proc` are empty, and only the sandbox directory is writable — as
+  root too, since the command runs in a user namespace without capabilities. `filesystem_isolation()` is "mountns"
   when a probe command here could not write next to its directory but could write inside it; else "none":
   shell commands can then write wherever the host user can, and only the Python tool's audit-hook guard
   (`guard.py`) refuses writes and reads outside the sandbox directory.

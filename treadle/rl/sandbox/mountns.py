@@ -7,8 +7,9 @@
    root and, where the kernel allows unprivileged user namespaces, as any user.
 2. Every mount becomes private, then read-only recursively (`mount_setattr(AT_RECURSIVE)`; on kernels
    before 5.12, a read-only bind remount of each mount in `/proc/self/mountinfo`, keeping its locked flags).
-3. `/tmp`, `/var/tmp` and `/dev/shm` are covered by empty tmpfs mounts (read-only after step 4): the host's
-   temporary files (other sandboxes, the env's files) are neither readable nor writable there.
+3. `/tmp`, `/var/tmp`, `/dev/shm` and `/run` are covered by empty tmpfs mounts (read-only after step 4): the
+   host's temporary files (other sandboxes, the env's files) are neither readable nor writable there, and the
+   daemons' Unix sockets under `/run` cannot be connected to.
 4. The sandbox directory is bind-mounted at its own path and made writable again; the command's cwd moves
    onto that mount.
 5. `/proc` is covered by an empty read-only tmpfs: `/proc/PID/root`, `/proc/PID/cwd` and `/proc/PID/fd` of
@@ -55,7 +56,8 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 # mount_setattr(2) has the same number on every architecture (the unified syscall table, Linux 5.12)
 SYS_MOUNT_SETATTR = 442
-TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# covered by empty tmpfs mounts: temporary files (other sandboxes', the env's) and /run's daemon sockets
+COVERED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/var/run")
 
 
 class _MountAttr(ctypes.Structure):
@@ -149,7 +151,7 @@ class FsJail:
                 if os.path.isdir(point) or os.path.isfile(point):
                     _remount(point, keep, readonly=True)
         covers = []
-        for tmp in dict.fromkeys(os.path.realpath(d) for d in TMP_DIRS):
+        for tmp in dict.fromkeys(os.path.realpath(d) for d in COVERED_DIRS):
             if os.path.isdir(tmp):
                 _mount(
                     "tmpfs",
