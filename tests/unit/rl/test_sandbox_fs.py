@@ -134,6 +134,9 @@ def test_writes_inside_still_work(sandbox: SubprocessSandbox) -> None:
     # the host's /tmp is an empty tmpfs in there: only the path down to the sandbox dir's mount point shows
     root = sandbox.root.resolve()
     assert listing == ([root.parts[2]] if root.parts[1] == "tmp" else []), listing
+    sub = run(sandbox.run_command("pwd && echo deep > here.txt", workdir="sub"))
+    assert (sub.exit_code, sub.stdout) == (0, f"{root}/sub\n"), sub  # a workdir stays the workdir
+    assert (sandbox.root / "sub/here.txt").read_text() == "deep\n"
     py = run(
         sandbox.run_python("open('from_python.txt', 'w').write('ok')\nprint(open('b.txt').read(), end='')")
     )

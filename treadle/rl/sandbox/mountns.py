@@ -135,6 +135,7 @@ class FsJail:
     def enter(self) -> None:
         """Called in the child before exec; raises OSError if any step fails."""
         uid, gid = os.geteuid(), os.getegid()
+        cwd = os.getcwd()  # where Popen put us (`root` or a directory in it), by path
         flags = CLONE_NEWUSER | CLONE_NEWNS | (CLONE_NEWNET if self.isolate_network else 0)
         _check(_libc.unshare(flags), "unshare")
         with open("/proc/self/setgroups", "w") as f:
@@ -144,9 +145,10 @@ class FsJail:
         with open("/proc/self/gid_map", "w") as f:
             f.write(f"0 {gid} 1")
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
-        mounts = _mounts()
+        mounts: list[tuple[str, int]] = []  # read only when remounting one by one (before /proc is covered)
         root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY)
         if not (self.use_mount_setattr and _set_readonly("/", readonly=True, recursive=True)):
+            mounts = _mounts()
             for point, keep in mounts:
                 if os.path.isdir(point) or os.path.isfile(point):
                     _remount(point, keep, readonly=True)
@@ -165,10 +167,10 @@ class FsJail:
         _mount(f"/proc/self/fd/{root_fd}", self.root, None, MS_BIND)
         os.close(root_fd)
         if not (self.use_mount_setattr and _set_readonly(self.root, readonly=False, recursive=False)):
-            _remount(self.root, _flags_of(self.root, mounts), readonly=False)
+            _remount(self.root, _flags_of(self.root, mounts or _mounts()), readonly=False)
         for tmp in covers:
             _remount(tmp, MS_NOSUID | MS_NODEV | MS_NOEXEC, readonly=True)
-        os.chdir(self.root)  # the cwd Popen set still points at the read-only view
+        os.chdir(cwd)  # the cwd Popen set still points at the read-only view
         _mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4096,mode=555")
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         for cap in range(64):
