@@ -25,6 +25,7 @@ A failure raises `OSError` in the child: the command does not start (a tool erro
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from dataclasses import dataclass
 
@@ -81,13 +82,14 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 
 def _set_readonly(path: str, readonly: bool, recursive: bool) -> bool:
-    """mount_setattr(2); False when the kernel lacks it (ENOSYS), so the caller remounts instead."""
+    """mount_setattr(2); False when the kernel lacks it (ENOSYS) or a seccomp filter refuses it (EPERM), so
+    the caller remounts instead (which fails loudly if it is refused too)."""
     attr = _MountAttr(MOUNT_ATTR_RDONLY if readonly else 0, 0 if readonly else MOUNT_ATTR_RDONLY, 0, 0)
     flags = AT_RECURSIVE if recursive else 0
     ret = _libc.syscall(
         SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), flags, ctypes.byref(attr), ctypes.sizeof(attr)
     )
-    if ret != 0 and ctypes.get_errno() == 38:  # ENOSYS
+    if ret != 0 and ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
         return False
     _check(ret, f"mount_setattr {path}")
     return True
@@ -175,6 +177,6 @@ class FsJail:
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         for cap in range(64):
             if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-                if ctypes.get_errno() == 22:  # EINVAL: past the last capability this kernel knows
+                if ctypes.get_errno() == errno.EINVAL:  # past the last capability this kernel knows
                     break
                 _check(-1, f"dropping capability {cap}")
