@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="per model: the sampler's KV cache grows no further; requests wait for room (default 2048)",
     )
+    s.add_argument(
+        "--no-prefix-retention",
+        action="store_true",
+        help="finished requests' KV is not kept for the next turn's prompt (multi-turn prefix cache off)",
+    )
     Limits.add_arguments(s)  # backpressure limits and the body timeout (treadle.service.limits)
     s.add_argument(
         "--image-dir",

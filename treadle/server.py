@@ -46,6 +46,7 @@ class ServerConfig:
     max_request_bytes: int = 256 * 1024 * 1024
     max_lora_rank: int = 128
     kv_cache_mb: float = 2048  # each model's sampler KV cache grows no further; requests wait for room
+    prefix_retention: bool = True  # finished requests' KV stays a prefix source (multi-turn prompts)
     ephemeral_samplers: int = 4  # in-memory sampler snapshots kept per training run
     limits: Limits = dataclasses.field(default_factory=Limits)  # backpressure: see treadle.service.limits
     image_dir: Path | None = None  # ImageAssetPointerChunk paths are read only under it; None = none read
@@ -75,6 +76,7 @@ class ServerConfig:
         if getattr(args, "kv_cache_mb", None) is not None:
             require(args.kv_cache_mb > 0, "--kv-cache-mb", f"must be > 0, got {args.kv_cache_mb}")
             cfg.kv_cache_mb = args.kv_cache_mb
+        cfg.prefix_retention = not getattr(args, "no_prefix_retention", False)
         if getattr(args, "ephemeral_samplers", None) is not None:
             require(
                 args.ephemeral_samplers >= 1,
@@ -139,6 +141,7 @@ def build_service(cfg: ServerConfig) -> Any:
                 max_lora_rank=cfg.max_lora_rank,
                 kv_cache_mb=cfg.kv_cache_mb,
                 compute=compute,
+                prefix_retention=cfg.prefix_retention,
             )
         )
     store = MetadataStore(cfg.db_url or f"sqlite:///{cfg.data_dir / 'treadle.db'}")

@@ -68,7 +68,8 @@ def test_prefix_cache_is_keyed_on_image_content(engine: Engine) -> None:
     again = _started(engine, _req(0, max_tokens=24))
     twin = engine.generate(_req(0))  # same image as `again`, which is still generating: shares past the image
     a, o = again.result(timeout=120), other.result(timeout=120)
-    assert a.prompt_cache_hit_tokens == 4
+    assert o.prompt_cache_hit_tokens == 4  # another image: only the text before it (alone's retained KV)
+    assert a.prompt_cache_hit_tokens == len(TEXT) + 4 - 1  # alone's image: its retained KV, all but the last
     assert twin.prompt_cache_hit_tokens == len(TEXT) + 4 - 1  # all but the last prompt token (4 image tokens)
     assert a.sequences[0].tokens[:4] == alone == twin.sequences[0].tokens
     assert o.sequences[0].tokens[:4] != alone

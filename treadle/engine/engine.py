@@ -65,10 +65,12 @@ class Engine:
         max_batch_size: int = 64,
         kv_cache_mb: float | None = 2048,
         compute: ComputeThread | None = None,
+        prefix_retention: bool = True,
     ) -> None:
         """`compute`: the device's compute thread when several engines share a device (the server passes one);
         by default the engine starts its own and stops it on `close`. `kv_cache_mb`: the sampler's KV cache
-        stops growing past this (None: unbounded); requests that do not fit wait for room."""
+        stops growing past this (None: unbounded); requests that do not fit wait for room.
+        `prefix_retention`: finished requests' KV stays as a prefix source for the next turn (the sampler)."""
         # The numerics mode is process-wide: a server runs in one mode (treadle serve --deterministic).
         ops.set_mode("batch_invariant" if deterministic else "fast")
         self.deterministic = deterministic
@@ -103,7 +105,12 @@ class Engine:
             max_batch_size=max_batch_size,
             max_kv_cache_bytes=None if kv_cache_mb is None else int(kv_cache_mb * 2**20),
             compute=self.compute,
+            weights_key=self._weights_key if prefix_retention else None,
         )
+
+    def _weights_key(self, adapter_id: str | None) -> tuple[object, int]:
+        """The sampler's key for retained KV: the base model's weights never change; an adapter's do."""
+        return (self.model, 0) if adapter_id is None else self.bank.weights_version(adapter_id)
 
     # adapters -----------------------------------------------------------------------------------
     def create_adapter(self, adapter_id: str, cfg: LoraConfig) -> None:

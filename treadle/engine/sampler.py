@@ -6,6 +6,13 @@ Each sample is one row. A row's prompt KV comes from another live row when they 
 the samples of one request prefill their prompt once, and concurrent requests share common prefixes. Logprobs
 are those of the raw model distribution (what `forward` computes), whatever temperature / top-k / top-p did.
 
+Retained prefixes (multi-turn): a finished row's slot keeps its KV (prompt + generated tokens) as a prefix
+source, so the next turn of a conversation (previous prompt + reply + new user/env text) prefills only what is
+new. A retained slot is keyed on the identity and version of the weights that wrote it (`weights_key`), never on
+the adapter name alone, so KV written under other weights (a new snapshot, a trained or re-created adapter) is
+never reused. Retention never grows the cache: retained slots are evicted, least recently used first, whenever a
+new row needs a slot, and the KV budget is enforced exactly as without them.
+
 Streaming: `submit(req, on_token=...)` reports every accepted token from the compute thread as it is drawn, and a
 cancelled future (`Sampler.cancel` or `future.cancel()`) has its rows dropped before the next model call.
 """
@@ -20,6 +27,7 @@ import itertools
 import math
 import secrets
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -38,6 +46,9 @@ from treadle.models.qwen3_vl import ImageSpan
 
 # (sample index, token id, logprob), called on the compute thread for every accepted token, stop token included.
 TokenCallback = Callable[[int, int, float], None]
+# adapter id (None = base model) -> (an object whose identity stands for the weights behind it, their version),
+# or None when they cannot be keyed (then finished rows of that adapter are not retained).
+WeightsKey = Callable[[str | None], "tuple[object, int] | None"]
 
 # Prompt logprobs are computed over chunks of positions so a long prompt never holds (T × vocab) fp32 at once.
 _PROMPT_LOGPROB_CHUNK = 256
@@ -102,6 +113,9 @@ class SamplerStats:
     prefill_calls: int = 0
     decode_steps: int = 0
     decode_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens of every admitted row
+    cache_hit_tokens: int = 0  # of those, tokens whose KV came from another slot (live or retained)
+    retained_hit_tokens: int = 0  # of those, tokens whose KV came from a retained (finished) slot
 
 
 @dataclasses.dataclass(eq=False)
@@ -131,12 +145,15 @@ class _Request:
 @dataclasses.dataclass(eq=False)
 class _Slot:
     """What a cache slot holds: the tokens whose KV it stores, under which adapter, written for which request.
-    It may serve as a prefix source only while that request is in flight (adapter weights may change later)."""
+    It serves as a prefix source while that request is in flight, and after it finished only when retained:
+    then `weights` names the weights that wrote it, and it matches only while those are still the adapter's."""
 
     tokens: list[int]
     adapter_id: str | None
     owner: _Request
     ready: bool = True  # False while its prompt KV waits for this round's batched prefill
+    weights: tuple[weakref.ref[object], int] | None = None  # set when retained (its row finished)
+    last_used: int = 0  # retention clock at retention or last hit: the least recent is evicted first
 
 
 @dataclasses.dataclass(eq=False)
@@ -210,10 +227,14 @@ class Sampler:
         max_batch_size: int = 64,
         max_kv_cache_bytes: int | None = None,
         compute: ComputeThread | None = None,
+        weights_key: WeightsKey | None = None,
     ) -> None:
         """`max_kv_cache_bytes`: admission stops growing the KV cache past this (None: no limit). The cache
         is one block of slots × the longest row, so a single long prompt among many short ones would otherwise
-        size every slot for it; under steady load the cache is never idle long enough to shrink back."""
+        size every slot for it; under steady load the cache is never idle long enough to shrink back.
+
+        `weights_key`: retain finished rows' KV as prefix sources (see the module docstring), keyed on what it
+        returns for the row's adapter; None: no retention (prefixes are shared between live rows only)."""
         require(max_batch_size >= 1, "max_batch_size", f"must be ≥ 1, got {max_batch_size}")
         require(max_context_length >= 2, "max_context_length", f"must be ≥ 2, got {max_context_length}")
         self.model = model
@@ -223,6 +244,8 @@ class Sampler:
         self.max_batch_size = max_batch_size
         self.max_kv_cache_bytes = max_kv_cache_bytes
         self._decode = decode
+        self._weights_key = weights_key
+        self._clock = 0  # retention clock (see _Slot.last_used)
         self._owns_compute = compute is None
         self._compute = compute if compute is not None else ComputeThread("treadle-sampler")
         self.vocab_size = model.config.vocab_size
@@ -338,11 +361,42 @@ class Sampler:
             self._fail(r, err)
 
     def _release_memory(self) -> None:
-        """Once nothing runs, give a cache that grew large (one long prompt grows every slot) back to the
-        allocator. Nothing is lost: prefix sources live only as long as their requests, and none is running."""
-        self._slots.clear()
+        """Once nothing runs, forget slots that cannot serve again (not retained, or their weights are gone) and
+        give a cache that grew large (one long prompt grows every slot) back to the allocator, unless retained
+        prefixes still live in it and it stays within the KV budget (the next turn of a conversation is
+        typically seconds away)."""
+        for slot in [s for s, info in self._slots.items() if not self._retained(info)]:
+            del self._slots[slot]
         if self._cache.num_slots * self._cache.capacity > _IDLE_CACHE_TOKENS:
-            self._cache.reset()
+            budget = self.max_kv_cache_bytes
+            if not self._slots or budget is None or self._cache.nbytes > budget:
+                self._slots.clear()
+                self._cache.reset()
+
+    @staticmethod
+    def _retained(info: _Slot) -> bool:
+        """Whether a slot of a finished request may still serve: retained, and its weights still exist."""
+        return info.weights is not None and info.weights[0]() is not None
+
+    def _current_weights(self, adapter_id: str | None) -> tuple[object, int] | None:
+        if self._weights_key is None:
+            return None
+        try:
+            return self._weights_key(adapter_id)
+        except TreadleError:  # the adapter is gone: the request fails at its first model call
+            return None
+
+    def _retain(self, row: _Row) -> None:
+        """Keep a finished row's slot (its KV: prompt + generated tokens but the last) as a prefix source."""
+        info = self._slots.get(row.slot)
+        if info is None or info.owner is not row.request or not info.ready:
+            return
+        key = self._current_weights(row.request.req.adapter_id)
+        if key is None:
+            return
+        self._clock += 1
+        info.weights = (weakref.ref(key[0]), key[1])
+        info.last_used = self._clock
 
     def _drop_cancelled(self) -> None:
         """Requests whose future was cancelled by their caller leave the batch and the queue."""
@@ -425,9 +479,20 @@ class Sampler:
         limit = n if r.last_logits_V is not None else n - 1
         best: tuple[int | None, int] = (None, 0)
         best_pending = 0
+        weights: tuple[object, int] | None | bool = False  # looked up once, on the first retained candidate
         for slot, info in self._slots.items():
-            if info.owner.done or info.adapter_id != r.req.adapter_id:
+            if info.adapter_id != r.req.adapter_id:
                 continue
+            if info.owner.done:
+                if info.weights is None:
+                    continue
+                if weights is False:
+                    weights = self._current_weights(r.req.adapter_id)
+                # the very weights that wrote this KV (same object, same version), or it is stale
+                if not isinstance(weights, tuple) or info.weights[0]() is not weights[0]:
+                    continue
+                if info.weights[1] != weights[1]:
+                    continue
             p = min(_common_prefix(info.tokens, prompt), limit, _same_images_until(info.owner.req, r.req))
             if not info.ready:
                 best_pending = max(best_pending, p)
@@ -436,25 +501,51 @@ class Sampler:
         return best[0], best[1], best_pending >= best[1] + _MIN_SHARED_PREFILL
 
     def _free_slot(self, prefer: int | None) -> int:
+        """`prefer` if no row holds it; else, in order: an allocated slot holding nothing that can serve, the
+        least recently used retained slot, an unallocated slot (the cache grows), a prefix source of an
+        in-flight request. So retention never grows the cache, and live prefix sources are kept longest."""
         used = {row.slot for row in self._rows}
         if prefer is not None and prefer not in used:
             return prefer
-        free = [s for s in range(self.max_batch_size) if s not in used]
-        # Keep slots that still serve as prefix sources of in-flight requests, when there is a choice.
-        idle = [s for s in free if s not in self._slots or self._slots[s].owner.done]
-        return (idle or free)[0]
+        allocated = self._cache.num_slots
+
+        def rank(s: int) -> tuple[int, int]:
+            info = self._slots.get(s)
+            if info is not None and not info.owner.done:
+                return (3, s)
+            if s >= allocated:
+                return (2, s)
+            if info is not None and self._retained(info):
+                return (1, info.last_used)
+            return (0, s)
+
+        return min((s for s in range(self.max_batch_size) if s not in used), key=rank)
 
     def _place(self, r: _Request, index: int, src: int | None, p: int) -> tuple[_Row, _Prefill | None]:
         """Give sample `index` of `r` a slot holding the first `p` prompt tokens' KV (copied from `src`); the
         rest of the prompt, if any, is returned as a prefill to run."""
         prompt = r.req.prompt
         n = len(prompt)
-        slot = self._free_slot(src if p > 0 else None)
+        prefer = None
+        if src is not None and p > 0:
+            source = self._slots[src]
+            prefer = src
+            if source.owner.done:
+                self._clock += 1
+                source.last_used = self._clock  # evicted last
+                self.stats.retained_hit_tokens += p
+                # Taking the source slot over saves a copy, but a retained source matched only in part keeps
+                # its longer prefix for its own conversation's next turn while another slot is free.
+                if p < len(source.tokens):
+                    prefer = None
+        slot = self._free_slot(prefer)
         self._cache.ensure(slot + 1, n)
         if src is not None and p > 0:
             self._cache.copy_prefix(src, slot, p)
         if index == 0:
             r.prompt_cache_hit_tokens = p
+        self.stats.prompt_tokens += n
+        self.stats.cache_hit_tokens += p
         gen = make_generator(r.seed, index, self.device) if r.req.params.temperature > 0 else None
         row = _Row(r, index, slot, gen)
         self._rows.append(row)
@@ -648,6 +739,7 @@ class Sampler:
             row.next_token = token
             return
         self._rows.remove(row)
+        self._retain(row)
         r.sequences[row.index] = SampledSequence(
             row.generated, row.logprobs, reason, row.topk if r.req.topk_sample_logprobs else None
         )

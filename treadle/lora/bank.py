@@ -70,6 +70,13 @@ class AdapterBank:
     def config(self, adapter_id: str) -> LoraConfig:
         return self._get(adapter_id).config
 
+    def weights_version(self, adapter_id: str) -> tuple[object, int]:
+        """What identifies the weights behind `adapter_id` now: its `Adapter` object (a new one whenever the id
+        is created, loaded or snapshotted) and how many parameter updates it received (`optim_step` is the only
+        in-place change of its weights). The sampler keys retained KV on both."""
+        ad = self._get(adapter_id)
+        return ad, sum(st.step for st in ad.optim.values())
+
     # -- forward -------------------------------------------------------------------------------------------
 
     def hook(
