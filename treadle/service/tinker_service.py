@@ -31,7 +31,7 @@ __all__ = ["MAX_TTL_S", "ResultCodec", "ServiceConfig", "TinkerService"]
 
 log = logging.getLogger(__name__)
 
-QUEUED_POLL_S = 2.0  # how long a retrieve_future long-poll of a queued request waits before its 408 says why
+QUEUED_POLL_S = 1.0  # how long a retrieve_future long-poll of a queued request waits before its 408 says why
 
 
 class TinkerService:
