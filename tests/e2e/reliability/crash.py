@@ -208,7 +208,9 @@ def check_after_restart(server: ServerProcess, work: Recorded) -> tuple[TrialRes
     problems: list[str] = []
     base = server.base_url
     ok = server_errors = 0
-    deadline = time.monotonic() + 60
+    # Generous: on a starved machine (nice'd, other work running) answering a few hundred polls takes a while;
+    # a future the restarted server still calls pending keeps answering 408 until the deadline.
+    deadline = time.monotonic() + 240
     for rid in work.request_ids:
         out = _retrieve(base, rid, deadline)
         if out == "ok":
