@@ -226,3 +226,13 @@ def test_host_daemon_sockets_under_run_hidden(sandbox: SubprocessSandbox) -> Non
     finally:
         server.close()
         path.unlink()
+
+
+@needs_mountns
+def test_dev_has_only_harmless_devices(sandbox: SubprocessSandbox) -> None:
+    """No disks, consoles, kvm or fuse: /dev is a read-only tmpfs with null, zero, full, random, urandom."""
+    r = run(sandbox.run_command("ls /dev; echo x > /dev/null && head -c 3 /dev/zero | wc -c"))
+    assert r.exit_code == 0, r
+    assert r.stdout.split() == ["full", "null", "random", "shm", "urandom", "zero", "3"]
+    r = run(sandbox.run_command("echo x > /dev/kmsg"))
+    assert r.exit_code != 0 and "Read-only file system" in r.stderr

@@ -1,11 +1,12 @@
 """How this machine can isolate sandboxed commands: mount and network namespaces, a pids cgroup, or neither.
 
 - Filesystem: a private mount namespace (see `mountns.py`) in which the host is read-only, `/tmp`,
-  `/var/tmp`, `/dev/shm`, `/run` and `/proc` are empty, and only the sandbox directory is writable — as
-  root too, since the command runs in a user namespace without capabilities. `filesystem_isolation()` is "mountns"
-  when a probe command here could not write next to its directory but could write inside it; else "none":
-  shell commands can then write wherever the host user can, and only the Python tool's audit-hook guard
-  (`guard.py`) refuses writes and reads outside the sandbox directory.
+  `/var/tmp`, `/dev/shm`, `/run` and `/proc` are empty, `/dev` has only null/zero/random-like devices, and
+  only the sandbox directory is writable — as root too, since the command runs in a user namespace without
+  capabilities. `filesystem_isolation()` is "mountns" when a probe command here could not write next to its
+  directory but could write inside it; else "none": shell commands can then write wherever the host user
+  can, and only the Python tool's audit-hook guard (`guard.py`) refuses writes and reads outside the sandbox
+  directory.
 
 - Network: a network namespace (only a downed loopback, so no route anywhere), made together with the mount
   namespace, or by `unshare -rn` where only that works, when the kernel allows it — as root, or with

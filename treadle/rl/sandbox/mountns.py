@@ -7,9 +7,10 @@
    root and, where the kernel allows unprivileged user namespaces, as any user.
 2. Every mount becomes private, then read-only recursively (`mount_setattr(AT_RECURSIVE)`; on kernels
    before 5.12, a read-only bind remount of each mount in `/proc/self/mountinfo`, keeping its locked flags).
-3. `/tmp`, `/var/tmp`, `/dev/shm` and `/run` are covered by empty tmpfs mounts (read-only after step 4): the
-   host's temporary files (other sandboxes, the env's files) are neither readable nor writable there, and the
-   daemons' Unix sockets under `/run` cannot be connected to.
+3. `/tmp`, `/var/tmp`, `/run` and `/dev` are covered by empty tmpfs mounts (read-only after step 4): the
+   host's temporary files (other sandboxes, the env's files) are neither readable nor writable there, the
+   daemons' Unix sockets under `/run` cannot be connected to, and `/dev` holds only null, zero, full, random
+   and urandom (bind-mounted from the host) and an empty `/dev/shm` — no disks, consoles, kvm or fuse.
 4. The sandbox directory is bind-mounted at its own path and made writable again; the command's cwd moves
    onto that mount.
 5. `/proc` is covered by an empty read-only tmpfs: `/proc/PID/root`, `/proc/PID/cwd` and `/proc/PID/fd` of
@@ -57,8 +58,10 @@ PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 # mount_setattr(2) has the same number on every architecture (the unified syscall table, Linux 5.12)
 SYS_MOUNT_SETATTR = 442
-# covered by empty tmpfs mounts: temporary files (other sandboxes', the env's) and /run's daemon sockets
-COVERED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/var/run")
+# covered by empty tmpfs mounts: temporary files (other sandboxes', the env's), /run's daemon sockets, and
+# /dev, which gets back only these harmless character devices (bind-mounted from the host's)
+COVERED_DIRS = ("/tmp", "/var/tmp", "/run", "/var/run", "/dev")
+DEV_NODES = ("null", "zero", "full", "random", "urandom")
 
 
 class _MountAttr(ctypes.Structure):
@@ -149,6 +152,7 @@ class FsJail:
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         mounts: list[tuple[str, int]] = []  # read only when remounting one by one (before /proc is covered)
         root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY)
+        dev_fds = {n: os.open(f"/dev/{n}", os.O_PATH) for n in DEV_NODES if os.path.exists(f"/dev/{n}")}
         if not (self.use_mount_setattr and _set_readonly("/", readonly=True, recursive=True)):
             mounts = _mounts()
             for point, keep in mounts:
@@ -165,6 +169,13 @@ class FsJail:
                     f"size={self.tmpfs_bytes},mode=755",
                 )
                 covers.append(tmp)
+        for name, fd in dev_fds.items():  # /dev is empty now: the device files come back one by one
+            if "/dev" in covers:
+                os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+                _mount(f"/proc/self/fd/{fd}", f"/dev/{name}", None, MS_BIND)
+            os.close(fd)
+        if "/dev" in covers:
+            os.makedirs("/dev/shm", exist_ok=True)  # empty and read-only like the rest
         os.makedirs(self.root, exist_ok=True)  # its mount point, when a tmpfs now covers the real one
         _mount(f"/proc/self/fd/{root_fd}", self.root, None, MS_BIND)
         os.close(root_fd)
