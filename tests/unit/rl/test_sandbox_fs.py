@@ -236,3 +236,16 @@ def test_dev_has_only_harmless_devices(sandbox: SubprocessSandbox) -> None:
     assert r.stdout.split() == ["full", "null", "random", "shm", "urandom", "zero", "3"]
     r = run(sandbox.run_command("echo x > /dev/kmsg"))
     assert r.exit_code != 0 and "Read-only file system" in r.stderr
+
+
+@needs_mountns
+def test_cannot_leave_or_raise_the_pids_cgroup(sandbox: SubprocessSandbox) -> None:
+    """cgroupfs is read-only in there: a command cannot move itself out of its pids group or raise pids.max."""
+    procs = [
+        p for p in ("/sys/fs/cgroup/pids/cgroup.procs", "/sys/fs/cgroup/cgroup.procs") if Path(p).exists()
+    ]
+    if not procs:
+        pytest.skip("no cgroup filesystem here")
+    for path in procs:
+        r = run(sandbox.run_command(f"echo $$ > {path}"))
+        assert r.exit_code != 0 and "Read-only file system" in r.stderr, r
