@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from typing import Any
 
 from treadle.engine.types import SampleRequest
@@ -17,6 +18,8 @@ from treadle.service.paths import CheckpointRef
 from treadle.service.state import LoadedSampler, ServiceState
 from treadle.service.workers import Worker
 from treadle.store import SamplerRow
+
+log = logging.getLogger(__name__)
 
 
 class Sampling:
@@ -144,15 +147,19 @@ class Sampling:
                 s.resolver.submit(done, _future_outcome(f))
 
             def start() -> None:
-                # Runs now or, if the server is out of sampling tokens, when room frees (on the event loop).
+                # Runs now or, if the server is out of sampling tokens, when room frees (on the event loop). It
+                # never raises once it owns the tokens: the budget would release them a second time.
                 try:
                     fut = engine.sample(req)
                 except Exception as e:
                     budget.release(owner, tokens)
-                    done(e if isinstance(e, TreadleError) else TreadleError(f"sampling failed: {e}"))
-                else:
-                    s.sampling[rid] = fut
-                    fut.add_done_callback(finished)
+                    try:
+                        done(e if isinstance(e, TreadleError) else TreadleError(f"sampling failed: {e}"))
+                    except Exception:
+                        log.exception("sampling: could not resolve request %s", rid)
+                    return
+                s.sampling[rid] = fut
+                fut.add_done_callback(finished)  # a callback's exception is logged by the future, not raised
 
             # Dropped from the queue (cancel_future, the session ended): it never held tokens.
             self.admission.queue_sample(rid, owner, tokens, start, done, sampler_id.rsplit(":sample:", 1)[0])
