@@ -30,7 +30,10 @@ QUEUE_FLAG = "--max-queued-per-key"
 
 
 class QueueFull(TreadleError):
-    """The caller's key already has its limit of queued requests (mapped to a 429 by `limits`)."""
+    """The caller's key already has its limit of queued requests (`limits` adds the `Retry-After`)."""
+
+    status_code = 429
+    category = "user"
 
 
 @dataclasses.dataclass(eq=False)
