@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -29,7 +29,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(model: str, data_dir: str) -> tuple[subprocess.Popen[bytes], str]:
+def _start_server(
+    model: str, data_dir: str, extra_args: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -43,6 +45,7 @@ def _start_server(model: str, data_dir: str) -> tuple[subprocess.Popen[bytes], s
             model,
             "--data-dir",
             data_dir,
+            *extra_args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -12,4 +12,5 @@ BENCHMARKS: dict[str, str] = {
     "rl": "treadle.rl.async_bench:bench_rl",
     "custom_loss": "treadle.bench.custom_loss:bench_custom_loss",
     "vision": "treadle.bench.vision:bench_vision",
+    "multiturn": "treadle.bench.multiturn:bench_multiturn",
 }

@@ -27,6 +27,7 @@ import itertools
 import math
 import secrets
 import sys
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -116,6 +117,8 @@ class SamplerStats:
     prompt_tokens: int = 0  # prompt tokens of every admitted row
     cache_hit_tokens: int = 0  # of those, tokens whose KV came from another slot (live or retained)
     retained_hit_tokens: int = 0  # of those, tokens whose KV came from a retained (finished) slot
+    prefill_seconds: float = 0.0  # wall time in prefill model calls (a profile of where sampling time goes)
+    decode_seconds: float = 0.0  # wall time in decode steps (model call, sampling, stop checks)
 
 
 @dataclasses.dataclass(eq=False)
@@ -346,7 +349,9 @@ class Sampler:
             with torch.inference_mode():
                 self._admit_waiting()
                 if self._rows:
+                    t0 = time.perf_counter()
                     self._decode_step()
+                    self.stats.decode_seconds += time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - a bug must fail the running futures, not hang them
             for r in {row.request for row in self._rows} | set(self._waiting):
                 self._fail(r, e)
@@ -556,6 +561,13 @@ class Sampler:
         """Run the round's prefills as one batch; if that fails, one by one, so only the culprit fails."""
         if not pending:
             return
+        t0 = time.perf_counter()
+        try:
+            self._prefill_or_fail(pending)
+        finally:
+            self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _prefill_or_fail(self, pending: list[_Prefill]) -> None:
         try:
             self._prefill(pending)
             return
