@@ -160,3 +160,12 @@ def test_retained_slots_evicted_lru_within_the_budget(tiny_model_dir: Path) -> N
             s.close()
     assert old.prompt_cache_hit_tokens == 0  # evicted
     assert recent.prompt_cache_hit_tokens == 30 + 4 - 1
+
+
+def test_serve_flag_turns_retention_off() -> None:
+    from treadle.cli import build_parser
+    from treadle.server import ServerConfig
+
+    parser = build_parser()
+    assert ServerConfig.from_cli(parser.parse_args(["serve"])).prefix_retention
+    assert not ServerConfig.from_cli(parser.parse_args(["serve", "--no-prefix-retention"])).prefix_retention
