@@ -13,4 +13,5 @@ BENCHMARKS: dict[str, str] = {
     "custom_loss": "treadle.bench.custom_loss:bench_custom_loss",
     "vision": "treadle.bench.vision:bench_vision",
     "multiturn": "treadle.bench.multiturn:bench_multiturn",
+    "sdk": "treadle.bench.sdk:bench_sdk",
 }
