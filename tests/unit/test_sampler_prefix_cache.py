@@ -169,3 +169,21 @@ def test_serve_flag_turns_retention_off() -> None:
     parser = build_parser()
     assert ServerConfig.from_cli(parser.parse_args(["serve"])).prefix_retention
     assert not ServerConfig.from_cli(parser.parse_args(["serve", "--no-prefix-retention"])).prefix_retention
+
+
+def test_large_idle_cache_kept_for_the_next_turn_released_for_training(tiny_model_dir: Path) -> None:
+    """An idle cache past the idle size stays while it holds retained prefixes (within the KV budget), and goes
+    back to the allocator, prefixes and all, when a training op needs the memory."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(100, 3000) for _ in range(1100)] for _ in range(9)]  # 16 slots x 2048 positions
+    with engine(tiny_model_dir) as e:
+        e.create_adapter("a", LoraConfig(rank=4, seed=0))
+        first = [f.result() for f in [e.sample(_greedy(p)) for p in prompts]]
+        cache = e.sampler._cache  # noqa: SLF001 - the allocation is what this test checks
+        assert (cache.num_slots, cache.capacity) == (16, 2048)
+        nxt = prompts[0] + first[0].sequences[0].tokens + reply(0)
+        assert e.generate(_greedy(nxt)).prompt_cache_hit_tokens == 1100 + 4 - 1
+        _train_step(e, "a")  # another adapter trains while nothing samples
+        cache = e.sampler._cache  # noqa: SLF001
+        assert (cache.num_slots, cache.capacity) == (8, 256)
+        assert e.generate(_greedy(prompts[1] + first[1].sequences[0].tokens)).prompt_cache_hit_tokens == 0

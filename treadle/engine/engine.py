@@ -162,6 +162,7 @@ class Engine:
                 self.prepare_forward_backward(r)  # a no-op when the service prepared it already
             except TreadleError as e:
                 errors[i] = e
+        self.compute.call(self.sampler.release_idle_memory)  # a large idle KV cache makes room for training
         done = iter(
             self.compute.call(
                 trainer.forward_backward,

@@ -365,7 +365,17 @@ class Sampler:
         for r in pending:
             self._fail(r, err)
 
-    def _release_memory(self) -> None:
+    def release_idle_memory(self) -> None:
+        """On the compute thread, before a training op: if nothing samples, a cache that grew large goes back to
+        the allocator, retained prefixes with it (training needs the memory, and an RL loop's next rollout
+        samples new weights that could not reuse them anyway)."""
+        with self._compute.cond:
+            if self._queue:
+                return
+        if not self._rows and not self._waiting:
+            self._release_memory(keep_retained=False)
+
+    def _release_memory(self, keep_retained: bool = True) -> None:
         """Once nothing runs, forget slots that cannot serve again (not retained, or their weights are gone) and
         give a cache that grew large (one long prompt grows every slot) back to the allocator, unless retained
         prefixes still live in it and it stays within the KV budget (the next turn of a conversation is
@@ -374,7 +384,7 @@ class Sampler:
             del self._slots[slot]
         if self._cache.num_slots * self._cache.capacity > _IDLE_CACHE_TOKENS:
             budget = self.max_kv_cache_bytes
-            if not self._slots or budget is None or self._cache.nbytes > budget:
+            if not keep_retained or not self._slots or budget is None or self._cache.nbytes > budget:
                 self._slots.clear()
                 self._cache.reset()
 
