@@ -136,6 +136,25 @@ def summarize(env_dir: Path) -> dict[str, Any]:
             "max": [max(v) for v in values],
             "per_seed": {s: [per_seed[s][key][st] for st in steps] for s in per_seed if per_seed[s][key]},
         }
+    # pass@1 from the rollouts themselves: the fraction of test episodes that ended solved (`correct` or
+    # `solved` = 1 in any step), over every test episode of that eval (not only those that answered)
+    pass_at_1: dict[str, list[tuple[int, float]]] = {}
+    for s in runs:
+        pts = []
+        for f in sorted((env_dir / s).glob("iteration_*/eval_test_rollout_summaries.jsonl")):
+            trajs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            if not trajs:
+                continue
+            ok = [
+                any(st["metrics"].get(k) == 1.0 for st in t["steps"] for k in ("correct", "solved"))
+                for t in trajs
+            ]
+            pts.append((int(trajs[0]["iteration"]), sum(ok) / len(ok)))
+        pass_at_1[s] = pts
+    test_all_steps = {
+        s: [(int(r["step"]), float(r[TEST_KEYS[0]])) for r in rows if TEST_KEYS[0] in r]
+        for s, rows in runs.items()
+    }
     train = {
         s: [(int(r["step"]), r["env/all/reward/total"]) for r in rows if "env/all/reward/total" in r]
         for s, rows in runs.items()
@@ -149,6 +168,8 @@ def summarize(env_dir: Path) -> dict[str, Any]:
         "env_dir": str(env_dir),
         "seeds": sorted(runs),
         "test": curves,
+        "test_all_steps": test_all_steps,
+        "test_pass_at_1": pass_at_1,
         "train_reward": train,
         "wall_s": wall,
     }
@@ -165,16 +186,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
     summaries = [summarize(Path(d)) for d in args.env_dirs]
     fig, axes = plt.subplots(1, len(summaries), figsize=(5.2 * len(summaries), 3.8), dpi=120, squeeze=False)
     for ax, summary in zip(axes[0], summaries, strict=True):
-        for key, style in zip(TEST_KEYS, ("-o", "--s"), strict=True):
-            c = summary["test"].get(key)
-            if c is None:
-                continue
-            label = "test reward" if key.endswith("reward/total") else "test pass@1 (correct)"
-            ax.plot(c["steps"], c["mean"], style, label=f"{label}, mean of {len(c['per_seed'])} seeds")
-            ax.fill_between(c["steps"], c["min"], c["max"], alpha=0.2)
+        # The test reward only: the cookbook averages an env metric such as `correct` over the episodes that
+        # report it (those that answered), so it is not a pass rate; it stays in summary.json.
+        key = TEST_KEYS[0]
+        c = summary["test"].get(key)
+        if c is not None:
+            ax.plot(c["steps"], c["mean"], "-o", label=f"test reward, mean of {len(c['per_seed'])} seeds")
+            ax.fill_between(c["steps"], c["min"], c["max"], alpha=0.2, label="min–max over seeds")
+        common = sorted(set.intersection(*[{p[0] for p in v} for v in summary["test_pass_at_1"].values()]))
+        if common:
+            by_seed = [dict(v) for v in summary["test_pass_at_1"].values()]
+            mean = [sum(d[st] for d in by_seed) / len(by_seed) for st in common]
+            ax.plot(common, mean, "--s", label="test pass@1 (solved), mean of seeds")
+        for seed, pts in sorted(summary["test_all_steps"].items()):
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], ":", lw=1, alpha=0.7, label=f"{seed} (every eval)"
+            )
         ax.set_title(Path(summary["env_dir"]).name, fontsize=10)
         ax.set_xlabel("training step")
-        ax.set_ylabel("test split (band: min–max over seeds)")
+        ax.set_ylabel("test split")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -188,6 +218,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 for st, m, lo, hi in zip(c["steps"], c["mean"], c["min"], c["max"], strict=True)
             )
             print(f"{Path(s['env_dir']).name} {key}: {pts}")
+        for seed, p1 in s["test_pass_at_1"].items():
+            print(
+                f"{Path(s['env_dir']).name} {seed} test pass@1: "
+                + ", ".join(f"{st}: {v:.3f}" for st, v in p1)
+            )
     return 0
 
 
