@@ -21,7 +21,7 @@ import numpy as np
 
 from treadle.bench.api import _start_server
 from treadle.bench.runner import Row, timed
-from treadle.bench.sample import prompts
+from treadle.bench.sample import generate_fn, prompts
 from treadle.bench.train import _peft_step_fn, sft_batch
 from treadle.engine.engine import Engine
 from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig, SampleRequest, SamplingParams
@@ -106,7 +106,7 @@ def bench_sdk(model: str, *, quick: bool = False) -> tuple[list[Row], dict[str, 
                 assert len(f.result().sequences[0].tokens) == new
 
         t_local_sample = timed(local_sample, repeat=1)
-        generate = _generate_fn(engine, ps, new)
+        generate = generate_fn(engine, ps, new)
         t_hf_sample = timed(
             lambda: engine.compute.call(generate), repeat=1
         )  # the warm-up call loads the model
@@ -159,34 +159,3 @@ def bench_sdk(model: str, *, quick: bool = False) -> tuple[list[Row], dict[str, 
         }
     }
     return rows, extra
-
-
-def _generate_fn(engine: Engine, ps: list[list[int]], new: int):  # noqa: ANN202
-    """A callable that loads the HF model once (on first call) and runs batched greedy `generate`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    state: dict[str, object] = {}
-    width = max(len(p) for p in ps)
-    pad = engine.tokenizer.pad_token_id or 0
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
-
-    def run() -> None:
-        hf = state.get("hf")
-        if hf is None:
-            hf = state["hf"] = AutoModelForCausalLM.from_pretrained(
-                engine.info.tokenizer_dir, dtype=torch.float32
-            ).eval()
-        with torch.no_grad():
-            out = hf.generate(  # type: ignore[attr-defined]
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        assert out.shape[1] == width + new
-
-    return run
