@@ -162,17 +162,19 @@ class Engine:
                 self.prepare_forward_backward(r)  # a no-op when the service prepared it already
             except TreadleError as e:
                 errors[i] = e
-        self.compute.call(self.sampler.release_idle_memory)  # a large idle KV cache makes room for training
-        done = iter(
-            self.compute.call(
-                trainer.forward_backward,
+        valid = [r for i, r in enumerate(requests) if i not in errors]
+
+        def run() -> list[ForwardBackwardResult | TreadleError]:
+            self.sampler.release_idle_memory()  # a large idle KV cache makes room for training
+            return trainer.forward_backward(
                 self.model,
                 self.bank,
-                [r for i, r in enumerate(requests) if i not in errors],
+                valid,
                 vocab_size=self.info.vocab_size,
                 max_len=self.info.max_context_length,
             )
-        )
+
+        done = iter(self.compute.call(run))  # one trip to the compute thread
         return [errors[i] if i in errors else next(done) for i in range(len(requests))]
 
     def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
