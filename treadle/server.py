@@ -120,7 +120,7 @@ def build_service(cfg: ServerConfig) -> Any:
     from treadle.engine.engine import Engine
     from treadle.service.auth import Authenticator
     from treadle.service.tinker_service import ServiceConfig, TinkerService
-    from treadle.service.workers import WorkerPool
+    from treadle.engine.worker import Worker, WorkerPool
     from treadle.store import MetadataStore
 
     auth = Authenticator(_key_map(cfg))
@@ -151,7 +151,8 @@ def build_service(cfg: ServerConfig) -> Any:
         ephemeral_samplers_per_model=cfg.ephemeral_samplers,
         image_dir=cfg.image_dir,
     )
-    return TinkerService(scfg, store, WorkerPool(engines), auth, ProtoCodec(), cfg.limits)
+    pool = WorkerPool([Worker(e.name, e) for e in engines], close=compute.close)
+    return TinkerService(scfg, store, pool, auth, ProtoCodec(), cfg.limits)
 
 
 def build_app(config: ServerConfig) -> FastAPI:

@@ -42,7 +42,7 @@ def _fb() -> ForwardBackwardRequest:
 
 def test_expiry_releases_adapters_but_keeps_checkpoints(service: TinkerService) -> None:
     base = service.pool.names()[0]
-    engine = service.pool.get(base).engine
+    engine = service.pool.get(base)
 
     async def main() -> None:
         sid = service.create_session("local", [], {})

@@ -43,6 +43,8 @@ class EngineInfo:
     max_context_length: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    max_lora_rank: int = 128
+    supports_images: bool = False
 
 
 def _eos_ids(loaded: LoadedModel) -> tuple[int, ...]:
@@ -86,6 +88,7 @@ class Engine:
         self.model = self.loaded.model
         self.tokenizer: Any = self.loaded.tokenizer
         cfg = self.loaded.config
+        self.images = ImageExpander(cfg, self.loaded.path, model)
         self.info = EngineInfo(
             model_name=model,
             tokenizer_dir=str(self.loaded.path),
@@ -93,8 +96,9 @@ class Engine:
             max_context_length=self.loaded.max_context_length,
             vocab_size=cfg.vocab_size,
             eos_token_ids=_eos_ids(self.loaded),
+            max_lora_rank=max_lora_rank,
+            supports_images=self.images.accepts_images,
         )
-        self.images = ImageExpander(self.model, self.loaded.path, model)
         self.bank = self.compute.call(AdapterBank, self.model, max_rank=max_lora_rank)
         self.sampler = Sampler(
             self.model,
@@ -210,6 +214,12 @@ class Engine:
             )
         )
         return self.tokenizer.decode(res.sequences[0].tokens, skip_special_tokens=True)
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and load: answered by the compute thread, so a wedged thread shows as a timeout."""
+        return self.compute.call(
+            lambda: {"adapters": len(self.bank.ids()), "active_rows": self.sampler.active_rows()}
+        )
 
     def close(self) -> None:
         self.sampler.close()

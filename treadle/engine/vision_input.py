@@ -11,16 +11,20 @@ import torch
 
 from treadle.engine.types import Datum, ImageInput, SampleRequest
 from treadle.errors import UserError
-from treadle.models.causal_lm import CausalLM
+from treadle.models.config import ModelConfig
 from treadle.models.image_processor import ImageProcessorConfig, decode_image, image_key, preprocess
-from treadle.models.qwen3_vl import ImageSpan, Qwen3VLForCausalLM
+from treadle.models.qwen3_vl import ImageSpan
+from treadle.models.vision import VisionConfig
 
 
 class ImageExpander:
-    def __init__(self, model: CausalLM, model_dir: Path, model_name: str) -> None:
+    """Needs the model's config and processor files only, never its weights: the HTTP process of a server whose
+    engines run elsewhere expands images itself, so a bad image is refused before any request exists."""
+
+    def __init__(self, config: ModelConfig, model_dir: Path, model_name: str) -> None:
         self.model_name = model_name
-        self.family = model.config.family
-        self.vision = model.vision_config if isinstance(model, Qwen3VLForCausalLM) else None
+        self.family = config.family
+        self.vision = VisionConfig.from_dict(config.vision) if config.vision is not None else None
         self.cfg = ImageProcessorConfig.from_dir(model_dir) if self.vision is not None else None
 
     @property

@@ -28,13 +28,13 @@ class Checkpoints:
         return [
             {
                 "model_name": w.name,
-                "max_context_length": w.engine.info.max_context_length,
+                "max_context_length": w.info.max_context_length,
                 "trainable": True,
                 "sampleable": True,
-                "max_lora_rank": w.engine.bank.max_rank,
-                "supports_images": w.engine.images.accepts_images,
+                "max_lora_rank": w.info.max_lora_rank,
+                "supports_images": w.info.supports_images,
             }
-            for w in self.s.pool.workers.values()
+            for w in (self.s.pool.get(name) for name in self.s.pool.names())
         ]
 
     def _run_json(self, run: RunRow) -> dict[str, Any]:
@@ -78,8 +78,8 @@ class Checkpoints:
         s.store.delete_checkpoint(ref.run_id, ref.kind, ref.name)
         s.blobs.delete(ref.run_id, ref.kind, ref.name)
         adapter_id = f"ckpt:{ref.path}"
-        for w in s.pool.workers.values():
-            if w.engine.has_adapter(adapter_id):
+        for w in s.pool.all():
+            if w.has_adapter(adapter_id):
                 s.forget_samplers_of(adapter_id)
                 s.drop_adapters(w, [adapter_id])
 

@@ -22,7 +22,7 @@ from treadle.store.db import utcnow
 from treadle.store.traces import DeploymentRow, TraceStore, VersionRow
 
 if TYPE_CHECKING:
-    from treadle.engine.engine import Engine
+    from treadle.engine.worker import Worker
     from treadle.service.tinker_service import TinkerService
 
 NAME_RE = re.compile(r"[a-zA-Z0-9._-]{1,64}")
@@ -41,7 +41,7 @@ class DeploymentTarget:
     """What one request is served by, fixed when it starts."""
 
     served: ServedBy
-    engine: Engine
+    engine: Worker
     adapter_id: str | None
 
 
@@ -53,7 +53,7 @@ class Deployments:
         self.store = store
         self.traces = traces
         self._live: dict[tuple[str, str], Live] = {}  # (owner, name) → the live version; read per request
-        self._loaded: dict[tuple[str, str], tuple[Engine, str | None]] = {}  # (owner, model_path) → adapter
+        self._loaded: dict[tuple[str, str], tuple[Worker, str | None]] = {}  # (owner, model_path) → adapter
         self._lock = threading.Lock()  # one mutation at a time, so versions never race
 
     # ---- validation
@@ -73,7 +73,7 @@ class Deployments:
         require(isinstance(model_path, str) and model_path != "", "model_path", "required (a string)")
         svc = self._service
         if not model_path.startswith(paths.SCHEME):
-            if model_path not in svc.pool.workers:
+            if not svc.pool.serves(model_path):
                 raise NotFoundError(
                     f"model_path: {model_path!r} is neither a tinker://RUN/sampler_weights/NAME checkpoint nor "
                     f"a served base model ({', '.join(svc.pool.names())})",
@@ -91,7 +91,7 @@ class Deployments:
             raise NotFoundError(f"model_path: no checkpoint {model_path!r}", field="model_path")
         return run.base_model
 
-    def _load(self, owner: str, model_path: str) -> tuple[Engine, str | None]:
+    def _load(self, owner: str, model_path: str) -> tuple[Worker, str | None]:
         """Load the checkpoint's adapter (if not yet loaded), so switching to it costs no request anything.
         Once loaded, a request checks only that it still is (deleting a checkpoint unloads its adapter)."""
         hit = self._loaded.get((owner, model_path))

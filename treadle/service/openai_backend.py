@@ -11,7 +11,7 @@ from treadle.service import paths
 from treadle.service.tinker_service import TinkerService
 
 if TYPE_CHECKING:
-    from treadle.engine.engine import Engine
+    from treadle.engine.worker import Worker
 
 
 class ServiceOpenAIBackend:
@@ -36,30 +36,30 @@ class ServiceOpenAIBackend:
         `--queue-wait-s` for room, else a 429 naming the limit; returns the release."""
         return await self._service.admission.wait_for_tokens(owner, tokens)
 
-    def resolve(self, model: str, owner: str) -> tuple[Engine, str | None]:
+    def resolve(self, model: str, owner: str) -> tuple[Worker, str | None]:
         svc = self._service
         if not model.startswith(paths.SCHEME):
-            worker = svc.pool.workers.get(model)
+            worker = svc.pool.any_replica(model) if svc.pool.serves(model) else None
             if worker is None:
                 raise NotFoundError(
                     f"model: {model!r} is not served here; served models: {', '.join(svc.pool.names())}",
                     field="model",
                 )
-            return worker.engine, None
+            return worker, None
         try:
             ref = paths.parse_path(model, "model")
             svc.check_loadable(owner, ref, optimizer=False)
             run = svc.store.get_run(ref.run_id)
             if run is None:
                 raise NotFoundError(f"model: no checkpoint {model!r}", field="model")
-            worker = svc.pool.get(run.base_model, "model")
+            worker = svc.pool.any_replica(run.base_model, "model")
         except NotFoundError:
             raise
         except TreadleError as e:
             raise NotFoundError(f"model: {e.message}", field="model") from e
         adapter_id = f"ckpt:{ref.path}"
-        if not worker.engine.has_adapter(adapter_id):
-            worker.engine.load_adapter(
+        if not worker.has_adapter(adapter_id):
+            worker.load_adapter(
                 adapter_id, svc.blobs.path(ref.run_id, ref.kind, ref.name), optimizer=False
             )
-        return worker.engine, adapter_id
+        return worker, adapter_id

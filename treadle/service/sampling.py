@@ -16,7 +16,7 @@ from treadle.service import paths
 from treadle.service.limits import Admission
 from treadle.service.paths import CheckpointRef
 from treadle.service.state import LoadedSampler, ServiceState
-from treadle.service.workers import Worker
+from treadle.engine.worker import Worker
 from treadle.store import SamplerRow
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Sampling:
         else:
             if not base_model:
                 raise UserError("base_model: give a base_model or a model_path", field="base_model")
-            target = LoadedSampler(s.pool.get(base_model), None)
+            target = LoadedSampler(s.pool.any_replica(base_model), None)
         s.store.add_sampler(
             SamplerRow(
                 sid,
@@ -68,7 +68,7 @@ class Sampling:
             raise NotFoundError(
                 f"model_path: the training run of {ref.path!r} no longer exists", field="model_path"
             )
-        worker = self.s.pool.get(run.base_model, "model_path")
+        worker = self.s.pool.any_replica(run.base_model, "model_path")
         adapter_id = await self.checkpoint_adapter(worker, ref)
         return LoadedSampler(worker, adapter_id)
 
@@ -76,7 +76,7 @@ class Sampling:
         """Load a checkpoint into the engine once, shared by every sampler of that path."""
         adapter_id = f"ckpt:{ref.path}"
         directory = self.s.blobs.path(ref.run_id, ref.kind, ref.name)
-        engine = worker.engine
+        engine = worker
 
         def load() -> None:
             if not engine.has_adapter(adapter_id):
@@ -105,7 +105,7 @@ class Sampling:
                 field="sampling_session_id",
             )
         else:
-            target = LoadedSampler(self.s.pool.get(row.base_model), None)
+            target = LoadedSampler(self.s.pool.any_replica(row.base_model), None)
         self.s.samplers[sampler_id] = target
         return target
 
@@ -123,7 +123,7 @@ class Sampling:
     ) -> tuple[str, list[str]]:
         s = self.s
         target = await self._sampler(owner, sampler_id)
-        engine = target.worker.engine
+        engine = target.worker
         if req.images:  # image chunks → placeholder tokens (bad images: a 400 naming the chunk); decoding and
             # resizing are CPU work, kept off the event loop
             await asyncio.to_thread(engine.prepare_sample, req)

@@ -57,7 +57,7 @@ class Sessions:
         models = self.s.models
         for mid in [m for m, v in models.items() if v.session_id == session_id]:
             model = models.pop(mid)
-            model.worker.scheduler.close(mid, reason)
+            model.worker.close_stream(mid, reason)
             for snap in model.ephemeral:
                 self.s.samplers.pop(snap, None)
             self.s.drop_adapters(model.worker, [mid, *model.ephemeral])

@@ -19,7 +19,7 @@ from treadle.service.completions import CompletionLog
 from treadle.service.export import UrlSigner
 from treadle.service.futures import FutureHub, Outcome
 from treadle.service.paths import CheckpointRef
-from treadle.service.workers import Worker, WorkerPool
+from treadle.engine.worker import Worker, WorkerPool
 from treadle.store import BlobStore, CheckpointRow, MetadataStore, RunRow, SessionRow, utcnow
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class ServiceState:
         self.store.add_run(
             RunRow(mid, session_id, owner, worker.name, dataclasses.asdict(lora), user_metadata, now, now)
         )
-        worker.scheduler.open(mid, 1)
+        worker.open(mid, 1)
         self.models[mid] = LoadedModel(mid, session_id, owner, worker, touched=time.monotonic())
 
     def record_checkpoint(
@@ -262,7 +262,7 @@ class ServiceState:
         self.samplers = {k: v for k, v in self.samplers.items() if v.adapter_id != adapter_id}
 
     def drop_adapters(self, worker: Worker, adapter_ids: list[str]) -> None:
-        engine = worker.engine
+        engine = worker
 
         def drop() -> None:
             for a in adapter_ids:

@@ -24,7 +24,7 @@ from treadle.service.sessions import Sessions
 from treadle.service.state import MAX_TTL_S, ResultCodec, ServiceConfig, ServiceState
 from treadle.service.training import Training
 from treadle.service.weights import Weights
-from treadle.service.workers import Worker, WorkerPool
+from treadle.engine.worker import Worker, WorkerPool
 from treadle.store import MetadataStore
 
 __all__ = ["MAX_TTL_S", "ResultCodec", "ServiceConfig", "TinkerService"]

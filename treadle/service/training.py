@@ -27,14 +27,14 @@ class Training:
     ) -> tuple[str, str]:
         s = self.s
         s.active_session(owner, session_id)
-        worker = s.pool.get(base_model)
-        lora.validate(getattr(worker.engine.bank, "max_rank", 128))
+        worker = s.pool.place(base_model)
+        lora.validate(worker.info.max_lora_rank)
         mid = paths.model_id(session_id, model_seq_id)
 
         def call() -> dict[str, Any]:
             if s.store.get_run(mid) is not None:
                 raise ConflictError(f"model_seq_id: model {mid!r} already exists", field="model_seq_id")
-            worker.engine.create_adapter(mid, lora)
+            worker.create_adapter(mid, lora)
             s.register_model(owner, session_id, mid, worker, lora, user_metadata)
             return {"model_id": mid, "type": "create_model"}
 
@@ -49,7 +49,7 @@ class Training:
     def get_info(self, owner: str, model_id: str) -> dict[str, Any]:
         run = self.s.run(owner, model_id)
         worker = self.s.pool.get(run.base_model)
-        info = worker.engine.info
+        info = worker.info
         return {
             "model_id": model_id,
             "model_data": {
@@ -68,7 +68,7 @@ class Training:
         model = s.model(owner, model_id)
         require(isinstance(seq_id, int) and seq_id >= 1, "seq_id", f"must be an integer ≥ 1, got {seq_id!r}")
         req.adapter_id = model_id
-        model.worker.engine.prepare_forward_backward(req)  # bad images: a 400 now, not a failed future
+        model.worker.prepare_forward_backward(req)  # bad images: a 400 now, not a failed future
         s.touch(model)
         return s.submit(
             owner,
@@ -84,7 +84,7 @@ class Training:
             model_id,
             seq_id,
             "optim_step",
-            lambda m: {"metrics": m.worker.engine.optim_step(model_id, params), "type": "optim_step"},
+            lambda m: {"metrics": m.worker.optim_step(model_id, params), "type": "optim_step"},
         )
 
     def save_for_sampler_ephemeral(self, owner: str, model_id: str, seq_id: int, sampling_seq_id: int) -> str:
@@ -93,7 +93,7 @@ class Training:
         sid = paths.sampler_id(model.session_id, sampling_seq_id)
 
         def call(m: LoadedModel) -> dict[str, Any]:
-            engine = m.worker.engine
+            engine = m.worker
             engine.snapshot_adapter(model_id, sid)
             s.store.add_sampler(SamplerRow(sid, m.session_id, owner, m.worker.name, None, "snapshot"))
             s.samplers[sid] = LoadedSampler(m.worker, sid)

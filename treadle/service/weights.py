@@ -13,7 +13,7 @@ from treadle.service import paths
 from treadle.service.export import encrypt_dir
 from treadle.service.paths import CheckpointRef
 from treadle.service.state import LoadedModel, ServiceState
-from treadle.service.workers import Worker
+from treadle.engine.worker import Worker
 
 
 class Weights:
@@ -41,7 +41,7 @@ class Weights:
                 raise ConflictError(
                     f"path: checkpoint {ref.path!r} already exists; pass overwrite=True", field="path"
                 )
-            m.worker.engine.save_adapter(
+            m.worker.save_adapter(
                 model_id, s.blobs.path(ref.run_id, kind, ref.name), optimizer=kind == "weights"
             )
             s.record_checkpoint(owner, ref, expires, user_metadata)
@@ -56,8 +56,8 @@ class Weights:
     def _forget_loaded_checkpoint(self, worker: Worker, ref: CheckpointRef) -> None:
         """An overwritten checkpoint must not keep serving its old weights from the engine (worker thread)."""
         stale = f"ckpt:{ref.path}"
-        if worker.engine.has_adapter(stale):
-            worker.engine.remove_adapter(stale)
+        if worker.has_adapter(stale):
+            worker.remove_adapter(stale)
             self.s.forget_samplers_of(stale)
 
     def save_weights_external(
@@ -78,7 +78,7 @@ class Weights:
             tmp = final.with_name(f".{ref.name}.tmp-{uuid.uuid4().hex[:8]}")
             plain = tmp.with_name(tmp.name + "-plain")
             try:
-                m.worker.engine.save_adapter(model_id, plain, optimizer=False)
+                m.worker.save_adapter(model_id, plain, optimizer=False)
                 if recipients:
                     encrypt_dir(plain, tmp, recipients)
                 else:
@@ -113,7 +113,7 @@ class Weights:
         src = s.store.get_run(ref.run_id)
         if src is None:
             raise NotFoundError(f"path: the training run of {path!r} no longer exists", field="path")
-        worker = s.pool.get(src.base_model, "path")
+        worker = s.pool.place(src.base_model, "path")
         mid = paths.model_id(session_id, model_seq_id)
         directory = s.blobs.path(ref.run_id, ref.kind, ref.name)
         meta = user_metadata if user_metadata is not None else src.user_metadata
@@ -121,7 +121,7 @@ class Weights:
         def call() -> dict[str, Any]:
             if s.store.get_run(mid) is not None:
                 raise ConflictError(f"model_seq_id: model {mid!r} already exists", field="model_seq_id")
-            lora = worker.engine.load_adapter(mid, directory, optimizer=optimizer)
+            lora = worker.load_adapter(mid, directory, optimizer=optimizer)
             s.register_model(owner, session_id, mid, worker, lora, meta)
             return {"path": path, "model_id": mid, "type": "load_weights"}
 
@@ -140,7 +140,7 @@ class Weights:
         directory = self.s.blobs.path(ref.run_id, ref.kind, ref.name)
 
         def call(m: LoadedModel) -> dict[str, Any]:
-            engine = m.worker.engine
+            engine = m.worker
             engine.remove_adapter(model_id)
             engine.load_adapter(model_id, directory, optimizer=optimizer)
             return {"path": path, "model_id": model_id, "type": "load_weights"}

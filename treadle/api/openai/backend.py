@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from treadle.engine.engine import Engine
+    from treadle.engine.worker import Worker
 
 
 class OpenAIBackend(Protocol):
@@ -20,7 +20,7 @@ class OpenAIBackend(Protocol):
         """Names `owner` may pass as `model`: the served base models (checkpoints are addressed by path)."""
         ...
 
-    def resolve(self, model: str, owner: str) -> tuple[Engine, str | None]:
+    def resolve(self, model: str, owner: str) -> tuple[Worker, str | None]:
         """A base model name → (its engine, None); a `tinker://…/sampler_weights/…` or `…/weights/…` path
         → (the engine of its base model, an adapter id loaded in that engine). Raise `NotFoundError`
         otherwise, also for another owner's checkpoint (so its existence does not leak)."""

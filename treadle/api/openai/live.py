@@ -23,7 +23,7 @@ from treadle.engine.types import SampleRequest, SampleResult
 from treadle.errors import TreadleError
 
 if TYPE_CHECKING:
-    from treadle.engine.engine import Engine
+    from treadle.engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class LiveGeneration:
     """The requests behind one streamed response, submitted at construction (so bad input is rejected before
     the stream starts) and reporting tokens into this event loop."""
 
-    def __init__(self, engine: Engine, adapter_id: str | None, specs: Sequence[GenerationSpec]) -> None:
+    def __init__(self, engine: Worker, adapter_id: str | None, specs: Sequence[GenerationSpec]) -> None:
         self._tokenizer = engine.tokenizer
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, int, int, float] | int] = asyncio.Queue()

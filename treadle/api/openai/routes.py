@@ -43,7 +43,7 @@ from treadle.api.openai.tracing import Clock, DeploymentGateway, records, tag, t
 from treadle.errors import NotFoundError, TreadleError, UserError
 
 if TYPE_CHECKING:
-    from treadle.engine.engine import Engine
+    from treadle.engine.worker import Worker
     from treadle.service.deployments import DeploymentTarget
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ async def _json_body(request: Request) -> Any:
         raise UserError("body: must be valid JSON", field="body") from None
 
 
-def _resolve(backend: OpenAIBackend, model: str, owner: str) -> tuple[Engine, str | None]:
+def _resolve(backend: OpenAIBackend, model: str, owner: str) -> tuple[Worker, str | None]:
     try:
         return backend.resolve(model, owner)
     except NotFoundError as e:
@@ -84,7 +84,7 @@ def _resolve(backend: OpenAIBackend, model: str, owner: str) -> tuple[Engine, st
 
 def _resolve_any(
     backend: OpenAIBackend, deployments: DeploymentGateway | None, model: str, owner: str
-) -> tuple[Engine, str | None, DeploymentTarget | None]:
+) -> tuple[Worker, str | None, DeploymentTarget | None]:
     """A served base model, one of the caller's deployments (its live version, fixed for this request), or a
     checkpoint path; an unknown name is a 404 listing the served models and the caller's deployments."""
     if deployments is None or model in backend.served_models(owner):
@@ -103,7 +103,7 @@ def _head(prefix: str, obj: str, model: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": model}
 
 
-def _stop_ids(engine: Engine, *, chat: bool) -> list[int]:
+def _stop_ids(engine: Worker, *, chat: bool) -> list[int]:
     ids = end_of_turn_ids(engine.tokenizer) if chat else []
     return ids + [t for t in engine.info.eos_token_ids if t not in ids]
 
@@ -190,7 +190,7 @@ async def chat_completions(
 
 
 async def _live(
-    backend: OpenAIBackend, owner: str, engine: Engine, adapter_id: str | None, specs: list[GenerationSpec]
+    backend: OpenAIBackend, owner: str, engine: Worker, adapter_id: str | None, specs: list[GenerationSpec]
 ) -> LiveGeneration:
     """Wait for sampling room, then submit (bad input is a 4xx, not a stream); the tokens are held until every
     request of the stream stops generating, however the stream ends."""
@@ -223,7 +223,7 @@ def _live_recorder(
     return record
 
 
-def chat_choice(engine: Engine, i: int, c: Choice, call: tuple[str | None, list[Any]], logprobs: bool):
+def chat_choice(engine: Worker, i: int, c: Choice, call: tuple[str | None, list[Any]], logprobs: bool):
     content, found = call
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if found:
