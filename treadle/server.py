@@ -118,9 +118,9 @@ def build_service(cfg: ServerConfig) -> Any:
     from treadle.api.tinker.codec import ProtoCodec
     from treadle.engine.compute import ComputeThread
     from treadle.engine.engine import Engine
+    from treadle.engine.worker import Worker, WorkerPool
     from treadle.service.auth import Authenticator
     from treadle.service.tinker_service import ServiceConfig, TinkerService
-    from treadle.engine.worker import Worker, WorkerPool
     from treadle.store import MetadataStore
 
     auth = Authenticator(_key_map(cfg))

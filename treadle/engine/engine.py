@@ -218,7 +218,7 @@ class Engine:
     def health(self) -> dict[str, Any]:
         """Liveness and load: answered by the compute thread, so a wedged thread shows as a timeout."""
         return self.compute.call(
-            lambda: {"adapters": len(self.bank.ids()), "active_rows": self.sampler.active_rows()}
+            lambda: {"adapters": len(self.bank.ids()), "active_rows": self.sampler.active_rows}
         )
 
     def close(self) -> None:

@@ -59,7 +59,5 @@ class ServiceOpenAIBackend:
             raise NotFoundError(f"model: {e.message}", field="model") from e
         adapter_id = f"ckpt:{ref.path}"
         if not worker.has_adapter(adapter_id):
-            worker.load_adapter(
-                adapter_id, svc.blobs.path(ref.run_id, ref.kind, ref.name), optimizer=False
-            )
+            worker.load_adapter(adapter_id, svc.blobs.path(ref.run_id, ref.kind, ref.name), optimizer=False)
         return worker, adapter_id

@@ -11,12 +11,12 @@ import logging
 from typing import Any
 
 from treadle.engine.types import SampleRequest
+from treadle.engine.worker import Worker
 from treadle.errors import NotFoundError, TreadleError, UserError, require
 from treadle.service import paths
 from treadle.service.limits import Admission
 from treadle.service.paths import CheckpointRef
 from treadle.service.state import LoadedSampler, ServiceState
-from treadle.engine.worker import Worker
 from treadle.store import SamplerRow
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from treadle.engine.types import ForwardBackwardResult, LoraConfig, SampleRequest, SampleResult
+from treadle.engine.worker import Worker, WorkerPool
 from treadle.errors import GoneError, NotFoundError, TreadleError, UserError, require
 from treadle.service.completions import CompletionLog
 from treadle.service.export import UrlSigner
 from treadle.service.futures import FutureHub, Outcome
 from treadle.service.paths import CheckpointRef
-from treadle.engine.worker import Worker, WorkerPool
 from treadle.store import BlobStore, CheckpointRow, MetadataStore, RunRow, SessionRow, utcnow
 
 log = logging.getLogger(__name__)

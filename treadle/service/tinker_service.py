@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig, SampleRequest
+from treadle.engine.worker import Worker, WorkerPool
 from treadle.service.auth import Authenticator
 from treadle.service.checkpoints import Checkpoints
 from treadle.service.custom_losses import CustomLosses
@@ -24,7 +25,6 @@ from treadle.service.sessions import Sessions
 from treadle.service.state import MAX_TTL_S, ResultCodec, ServiceConfig, ServiceState
 from treadle.service.training import Training
 from treadle.service.weights import Weights
-from treadle.engine.worker import Worker, WorkerPool
 from treadle.store import MetadataStore
 
 __all__ = ["MAX_TTL_S", "ResultCodec", "ServiceConfig", "TinkerService"]

@@ -8,12 +8,12 @@ import uuid
 from typing import Any
 
 from treadle.atomic import publish_dir
+from treadle.engine.worker import Worker
 from treadle.errors import ConflictError, NotFoundError
 from treadle.service import paths
 from treadle.service.export import encrypt_dir
 from treadle.service.paths import CheckpointRef
 from treadle.service.state import LoadedModel, ServiceState
-from treadle.engine.worker import Worker
 
 
 class Weights:

@@ -15,8 +15,8 @@ from treadle.errors import UserError
 from treadle.models.qwen3_vl import ImageSpan
 
 if TYPE_CHECKING:
-    from treadle.engine.worker import Worker
     from treadle.engine.sampler import TokenCallback
+    from treadle.engine.worker import Worker
 
 
 @dataclasses.dataclass(frozen=True)
