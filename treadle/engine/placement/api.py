@@ -13,6 +13,7 @@ whatever lived only in the dead process's memory is gone (checkpoints on disk ar
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -30,6 +31,22 @@ if TYPE_CHECKING:
     from treadle.engine.engine import EngineInfo
     from treadle.engine.sampler import TokenCallback
     from treadle.engine.vision_input import ImageExpander
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to build one engine, in any process: `make_engine(spec)` (placement/local.py) turns it
+    into an `Engine`; the subprocess and Ray placements send it to the process that will hold the model."""
+
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    deterministic: bool = False
+    max_lora_rank: int = 128
+    max_batch_size: int = 64
+    kv_cache_mb: float | None = 2048
+    prefix_retention: bool = True
+    shards: int = 1  # > 1: the base model's blocks are sharded over this many ranks with FSDP2
 
 
 class WorkerLostError(TreadleError):

@@ -1,0 +1,30 @@
+"""In-process placement: build the engine an `EngineSpec` describes, in this process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from treadle.engine.placement.api import EngineSpec
+
+if TYPE_CHECKING:
+    from treadle.engine.compute import ComputeThread
+    from treadle.engine.engine import Engine
+
+
+def make_engine(spec: EngineSpec, compute: ComputeThread | None = None) -> Engine:
+    """The engine of `spec`; `compute`: a compute thread shared with the other engines of this process."""
+    from treadle.engine.engine import Engine
+
+    if spec.shards > 1:
+        raise NotImplementedError("shards > 1: see treadle.engine.sharding")  # wired by the FSDP2 placement
+    return Engine(
+        spec.model,
+        dtype=spec.dtype,
+        device=spec.device,
+        deterministic=spec.deterministic,
+        max_lora_rank=spec.max_lora_rank,
+        max_batch_size=spec.max_batch_size,
+        kv_cache_mb=spec.kv_cache_mb,
+        compute=compute,
+        prefix_retention=spec.prefix_retention,
+    )
