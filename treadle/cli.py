@@ -80,6 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device", default="cpu")
     s.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run each model's replicas as Ray actors; ADDRESS of a running cluster (ray://… or host:port), "
+        "or none to start a local Ray runtime",
+    )
+    s.add_argument("--replicas", type=int, default=1, help="replicas of each model (needs --ray)")
+    s.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="shard each model's blocks over N ranks with FSDP2 (gloo on CPU)",
+    )
+    s.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the engines inside the server process (default: one worker process per model)",
+    )
+    s.add_argument(
         "--session-timeout", type=float, default=None, help="seconds without heartbeat before expiry"
     )
     s.add_argument(

@@ -52,6 +52,11 @@ class ServerConfig:
     image_dir: Path | None = None  # ImageAssetPointerChunk paths are read only under it; None = none read
     trace_keep: int | None = None  # deployment traces kept per deployment (newest); None = all
     trace_max_age_s: float | None = None  # deployment traces older than this are deleted; None = never
+    # where engines run (treadle.engine.placement.pool): a child process per model by default
+    placement: str = "subprocess"
+    ray_address: str | None = None  # --ray ADDRESS; None with placement "ray": a local Ray runtime
+    replicas: int = 1  # Ray: replicas of each model
+    shards: int = 1  # FSDP2: ranks one model's blocks are sharded over
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> ServerConfig:
@@ -67,6 +72,14 @@ class ServerConfig:
         cfg.deterministic = bool(getattr(args, "deterministic", False))
         cfg.dtype = getattr(args, "dtype", "float32")
         cfg.device = getattr(args, "device", "cpu")
+        ray = getattr(args, "ray", None)
+        if ray is not None:
+            cfg.placement = "ray"
+            cfg.ray_address = ray or None
+        elif getattr(args, "in_process", False):
+            cfg.placement = "inprocess"
+        cfg.replicas = int(getattr(args, "replicas", 1) or 1)
+        cfg.shards = int(getattr(args, "shards", 1) or 1)
         if getattr(args, "session_timeout", None) is not None:
             cfg.session_timeout_s = float(args.session_timeout)
             cfg.sweep_interval_s = min(cfg.sweep_interval_s, max(cfg.session_timeout_s / 4, 0.5))
@@ -116,9 +129,8 @@ def _key_map(cfg: ServerConfig) -> dict[str, str] | None:
 def build_service(cfg: ServerConfig) -> Any:
     """Load every served model and open the store; returns the `TinkerService`."""
     from treadle.api.tinker.codec import ProtoCodec
-    from treadle.engine.compute import ComputeThread
-    from treadle.engine.engine import Engine
-    from treadle.engine.worker import Worker, WorkerPool
+    from treadle.engine.placement.api import EngineSpec
+    from treadle.engine.placement.pool import build_pool
     from treadle.service.auth import Authenticator
     from treadle.service.tinker_service import ServiceConfig, TinkerService
     from treadle.store import MetadataStore
@@ -128,22 +140,21 @@ def build_service(cfg: ServerConfig) -> Any:
     names = cfg.model_names()
     if len(set(names)) != len(names):
         raise UserError(f"model: each model may be served once, got {names}", field="model")
-    engines = []
-    compute = ComputeThread()  # one thread computes for every served model: see treadle.engine.compute
-    for name in names:
-        log.info("loading %s …", name)
-        engines.append(
-            Engine(
-                name,
-                dtype=cfg.dtype,
-                device=cfg.device,
-                deterministic=cfg.deterministic,
-                max_lora_rank=cfg.max_lora_rank,
-                kv_cache_mb=cfg.kv_cache_mb,
-                compute=compute,
-                prefix_retention=cfg.prefix_retention,
-            )
+    specs = [
+        EngineSpec(
+            name,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            deterministic=cfg.deterministic,
+            max_lora_rank=cfg.max_lora_rank,
+            kv_cache_mb=cfg.kv_cache_mb,
+            prefix_retention=cfg.prefix_retention,
+            shards=cfg.shards,
         )
+        for name in names
+    ]
+    log.info("starting %s (%s placement) …", ", ".join(names), cfg.placement)
+    pool = build_pool(specs, cfg.placement, replicas=cfg.replicas, ray_address=cfg.ray_address)
     store = MetadataStore(cfg.db_url or f"sqlite:///{cfg.data_dir / 'treadle.db'}")
     scfg = ServiceConfig(
         data_dir=cfg.data_dir,
@@ -151,7 +162,6 @@ def build_service(cfg: ServerConfig) -> Any:
         ephemeral_samplers_per_model=cfg.ephemeral_samplers,
         image_dir=cfg.image_dir,
     )
-    pool = WorkerPool([Worker(e.name, e) for e in engines], close=compute.close)
     return TinkerService(scfg, store, pool, auth, ProtoCodec(), cfg.limits)
 
 

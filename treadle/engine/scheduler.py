@@ -104,11 +104,12 @@ class Scheduler:
         with self._cond:
             return self._buffer.is_open(key)
 
-    def close(self, key: str, reason: str) -> None:
+    def close(self, key: str, reason: str, error: TreadleError | None = None) -> None:
+        """Forget `key`; its buffered ops fail with `error` (default: a NotFoundError naming `reason`)."""
         with self._cond:
             dropped = self._buffer.close(key)
         for op in dropped:
-            op.done(NotFoundError(f"model_id: {key!r} was released before this op ran ({reason})"))
+            op.done(error or NotFoundError(f"model_id: {key!r} was released before this op ran ({reason})"))
 
     def submit(self, op: Op) -> None:
         """Queue `op`; raises (without queueing) if its model is unknown or its seq_id was already used."""

@@ -79,9 +79,9 @@ class Worker:
         """Start ordering `key`'s ops (a training run) at `next_seq`."""
         self.scheduler.open(key, next_seq)
 
-    def close_stream(self, key: str, reason: str) -> None:
-        """Stop ordering `key`; its buffered ops fail naming `reason`."""
-        self.scheduler.close(key, reason)
+    def close_stream(self, key: str, reason: str, error: TreadleError | None = None) -> None:
+        """Stop ordering `key`; its buffered ops fail with `error` (default: a NotFoundError naming `reason`)."""
+        self.scheduler.close(key, reason, error)
 
     def submit_call(
         self, key: str, seq_id: int | None, call: Callable[[], object], done: Callable[[OpOutcome], None]

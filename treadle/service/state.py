@@ -79,6 +79,8 @@ class ServiceState:
         self.sampling: dict[str, concurrent.futures.Future[Any]] = {}
         self.models: dict[str, LoadedModel] = {}
         self.samplers: dict[str, LoadedSampler] = {}
+        # runs whose worker process died, and why: their next op says so (bounded: newest kept)
+        self.lost_runs: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.completions = CompletionLog()
         # Encoding a sample result and persisting it happens here, off the sampler thread, so generation
         # never waits on the metadata DB.
@@ -181,8 +183,10 @@ class ServiceState:
             return m
         self.run(owner, model_id)  # raises 404 for an unknown run or another owner's
         if m is None:
+            lost = self.lost_runs.get(model_id)
+            why = f"its worker was lost ({lost})" if lost else "its session ended or the server restarted"
             raise NotFoundError(
-                f"model_id: {model_id!r} is no longer loaded (its session ended or the server restarted); "
+                f"model_id: {model_id!r} is no longer loaded ({why}); "
                 "load it from a checkpoint with create_training_client_from_state",
                 field="model_id",
             )
@@ -257,6 +261,22 @@ class ServiceState:
                 {k: str(v) for k, v in user_metadata.items()},
             )
         )
+
+    def worker_lost(self, worker: Worker, why: str) -> None:
+        """The process behind `worker` died: the runs and sampler adapters that lived in it are gone. Their
+        queued ops fail now (category `server`, naming why); checkpoint samplers reload from disk on next use;
+        runs continue from their last saved checkpoint (`create_training_client_from_state`)."""
+        from treadle.engine.placement.api import WorkerLostError
+
+        err = WorkerLostError(f"{why}; this op was queued on it and never ran")
+        for mid, m in list(self.models.items()):
+            if m.worker is worker:
+                self.models.pop(mid, None)
+                self.lost_runs[mid] = why
+                worker.close_stream(mid, why, err)
+        while len(self.lost_runs) > 10_000:
+            self.lost_runs.popitem(last=False)
+        self.samplers = {k: v for k, v in self.samplers.items() if v.worker is not worker}
 
     def forget_samplers_of(self, adapter_id: str) -> None:
         self.samplers = {k: v for k, v in self.samplers.items() if v.adapter_id != adapter_id}

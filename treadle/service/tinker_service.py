@@ -62,6 +62,7 @@ class TinkerService:
         self._sampling = Sampling(state, self.admission)
         self._checkpoints = Checkpoints(state)
         self._custom_losses = CustomLosses(state)
+        pool.on_lost(state.worker_lost)
         remove_orphan_checkpoints(state.store, state.blobs.root)
         recovered = self.hub.recover()
         if recovered:

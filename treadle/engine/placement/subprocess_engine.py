@@ -1,0 +1,349 @@
+"""Subprocess placement (the default of `treadle serve`): the engine runs in a child process, so the HTTP process
+does no tensor work, and a crash or an out-of-memory kill of a model pass takes down one worker, not the server.
+
+    engine = SubprocessEngine(EngineSpec("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    engine.create_adapter("a", LoraConfig(rank=8))
+    fut = engine.sample(SampleRequest("a", prompt, SamplingParams(max_tokens=16)))
+
+Calls block the calling thread until the child answers (the worker's scheduler thread makes them, one at a
+time, so seq_id order holds); samples return a future at once and stream tokens back as the child's sampler
+emits them; `future.cancel()` tells the child to stop that generation. The tokenizer and the image expander
+are loaded here from the model's files (no weights): chat templates and image checks happen at the edge.
+
+When the child dies, the reader thread sees the socket close: every call in flight and every unfinished sample
+fails with `WorkerLostError` naming the worker, the pid and the signal; the lost handler (the `Worker`, which
+tells the service) runs; a fresh child is started in the background. Calls made while it starts fail fast with
+the same error. The fresh engine has no adapters: runs continue from their last saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from treadle.engine.placement.api import EngineSpec, WorkerLostError
+from treadle.engine.placement.wire import recv as _recv
+from treadle.engine.placement.wire import send as _send
+from treadle.engine.placement.wire import unpack_error
+from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig, SampleRequest, SampleResult
+from treadle.errors import TreadleError
+
+if TYPE_CHECKING:
+    from treadle.engine.engine import EngineInfo
+    from treadle.engine.sampler import TokenCallback
+    from treadle.engine.vision_input import ImageExpander
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0  # loading a large model from disk can take minutes
+
+
+class _Pending:
+    __slots__ = ("future", "on_token")
+
+    def __init__(self, future: concurrent.futures.Future[Any], on_token: TokenCallback | None) -> None:
+        self.future = future
+        self.on_token = on_token
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "its connection closed"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (kill -9, or the kernel's out-of-memory killer)" if -code == signal.SIGKILL else ""
+        return f"it was killed by {name}{hint}"
+    return f"it exited with status {code}"
+
+
+class SubprocessEngine:
+    def __init__(
+        self, spec: EngineSpec, *, replica: int = 0, env: dict[str, str] | None = None, restart: bool = True
+    ) -> None:
+        """`env`: extra environment of the child (e.g. OMP_NUM_THREADS); `restart`: start a fresh child when one
+        dies (a server always does; tests of the failure itself may not)."""
+        self.spec = spec
+        self.replica = replica
+        self._env = env or {}
+        self._restart = restart
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # guards _pending, _conn, _lost, _adapters
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._adapters: set[str] = (
+            set()
+        )  # a mirror of the child's adapter ids: has_adapter needs no round trip
+        self._lost: str | None = None  # why the current child is unusable (None: it is serving)
+        self._closing = False
+        self._lost_handler: Callable[[str], None] | None = None
+        self._tokenizer: Any = None
+        self._images: ImageExpander | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._info: EngineInfo = self._start()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return self.spec.model if self.replica == 0 else f"{self.spec.model} (replica {self.replica})"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _start(self) -> EngineInfo:
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ, **self._env)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "treadle.engine.placement.child", str(child_sock.fileno())],
+                pass_fds=[child_sock.fileno()],
+                env=env,
+            )
+        finally:
+            child_sock.close()
+        conn = Connection(parent_sock.detach())
+        try:
+            _send(conn, ("spec", self.spec))
+            if not conn.poll(START_TIMEOUT_S):
+                raise TreadleError(
+                    f"worker for {self.label}: the engine did not start in {START_TIMEOUT_S:.0f} s"
+                )
+            msg = _recv(conn)
+        except (EOFError, OSError) as e:
+            proc.wait(timeout=30)
+            conn.close()
+            raise TreadleError(
+                f"worker for {self.label}: the process stopped while loading the model "
+                f"({_describe_exit(proc.returncode)}; see its stderr above)"
+            ) from e
+        except BaseException:
+            proc.kill()
+            conn.close()
+            raise
+        if msg[0] != "ready":
+            proc.wait(timeout=30)
+            conn.close()
+            raise unpack_error(msg[1])
+        with self._lock:
+            self._proc, self._conn, self._lost = proc, conn, None
+            self._adapters.clear()
+        threading.Thread(
+            target=self._read, args=(conn, proc), name=f"treadle-worker-reader-{proc.pid}", daemon=True
+        ).start()
+        return msg[1]
+
+    def set_lost_handler(self, handler: Callable[[str], None]) -> None:
+        self._lost_handler = handler
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            conn, proc = self._conn, self._proc
+        if conn is not None:
+            try:
+                with self._send_lock:
+                    _send(conn, ("close",))
+            except (OSError, EOFError):
+                pass
+        if proc is not None:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+        if conn is not None:
+            conn.close()
+
+    # ---- the reader: answers, and the child's death -----------------------------------------------------
+    def _read(self, conn: Connection, proc: subprocess.Popen[bytes]) -> None:
+        while True:
+            try:
+                msg = _recv(conn)
+            except (EOFError, OSError):
+                break
+            kind, rid = msg[0], msg[1]
+            if kind == "tok":
+                with self._lock:
+                    p = self._pending.get(rid)
+                if p is not None and p.on_token is not None:
+                    try:
+                        p.on_token(msg[2], msg[3], msg[4])
+                    except Exception:
+                        log.exception("token callback failed")
+                continue
+            with self._lock:
+                p = self._pending.pop(rid, None)
+            if p is None or p.future.done():
+                continue
+            if kind == "ok":
+                p.future.set_result(msg[2])
+            else:
+                p.future.set_exception(unpack_error(msg[2]))
+        self._on_exit(proc)
+
+    def _on_exit(self, proc: subprocess.Popen[bytes]) -> None:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+        with self._lock:
+            if self._closing or self._proc is not proc:
+                return
+            why = (
+                f"the worker process of {self.label} (pid {proc.pid}) died: {_describe_exit(proc.returncode)}"
+            )
+            self._lost = why
+            pending, self._pending = self._pending, {}
+            self._adapters.clear()
+        log.error("%s; failing %d requests and restarting it", why, len(pending))
+        err = WorkerLostError(
+            f"{why}; this request was lost with it — retry it (training runs continue from "
+            "their last saved checkpoint)"
+        )
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(err)
+        if self._lost_handler is not None:
+            try:
+                self._lost_handler(why)
+            except Exception:
+                log.exception("lost handler failed")
+        if self._restart:
+            threading.Thread(target=self._restart_loop, args=(why,), daemon=True).start()
+
+    def _restart_loop(self, why: str) -> None:
+        delay = 1.0
+        while not self._closing:
+            with self._lock:
+                self._lost = f"{why}; a fresh worker is starting"
+            try:
+                self._info = self._start()
+                log.warning("worker for %s restarted (pid %s)", self.label, self.pid)
+                return
+            except Exception as e:
+                log.error("restarting the worker for %s failed: %s; retrying in %.0f s", self.label, e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # ---- sending ----------------------------------------------------------------------------------------------
+    def _submit(
+        self, msg_for: Callable[[int], tuple[Any, ...]], on_token: TokenCallback | None = None
+    ) -> tuple[int, concurrent.futures.Future[Any]]:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._lost is not None or self._conn is None:
+                raise WorkerLostError(self._lost or f"worker for {self.label}: not running")
+            conn = self._conn
+            rid = next(self._ids)
+            self._pending[rid] = _Pending(fut, on_token)
+        try:
+            with self._send_lock:
+                _send(conn, msg_for(rid))
+        except (OSError, EOFError, ValueError):
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise WorkerLostError(f"worker for {self.label}: its connection is closed") from None
+        return rid, fut
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        _rid, fut = self._submit(lambda rid: ("call", rid, method, args, kwargs))
+        return fut.result()
+
+    # ---- EngineAPI ------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._info.tokenizer_dir)
+        return self._tokenizer
+
+    @property
+    def images(self) -> ImageExpander:
+        if self._images is None:
+            from treadle.engine.vision_input import ImageExpander
+            from treadle.models.config import ModelConfig
+
+            d = Path(self._info.tokenizer_dir)
+            self._images = ImageExpander(ModelConfig.from_file(d / "config.json"), d, self.spec.model)
+        return self._images
+
+    def create_adapter(self, adapter_id: str, cfg: LoraConfig) -> None:
+        self._call("create_adapter", adapter_id, cfg)
+        with self._lock:
+            self._adapters.add(adapter_id)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self._call("remove_adapter", adapter_id)
+        with self._lock:
+            self._adapters.discard(adapter_id)
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        with self._lock:
+            return adapter_id in self._adapters
+
+    def snapshot_adapter(self, src_id: str, dst_id: str) -> None:
+        self._call("snapshot_adapter", src_id, dst_id)
+        with self._lock:
+            self._adapters.add(dst_id)
+
+    def save_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> None:
+        self._call("save_adapter", adapter_id, Path(directory), optimizer=optimizer)
+
+    def load_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> LoraConfig:
+        cfg = self._call("load_adapter", adapter_id, Path(directory), optimizer=optimizer)
+        with self._lock:
+            self._adapters.add(adapter_id)
+        return cfg
+
+    def forward_backward(self, requests: list[ForwardBackwardRequest]) -> list[Any]:
+        return self._call("forward_backward", requests)
+
+    def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
+        return self._call("optim_step", adapter_id, params)
+
+    def sample(
+        self, req: SampleRequest, on_token: TokenCallback | None = None
+    ) -> concurrent.futures.Future[SampleResult]:
+        rid, fut = self._submit(lambda rid: ("sample", rid, req, on_token is not None), on_token)
+
+        def cancelled(f: concurrent.futures.Future[Any]) -> None:
+            if f.cancelled():
+                with self._lock:
+                    self._pending.pop(rid, None)
+                    conn = self._conn if self._lost is None else None
+                if conn is not None:
+                    try:
+                        with self._send_lock:
+                            _send(conn, ("cancel", rid))
+                    except (OSError, EOFError, ValueError):
+                        pass
+
+        fut.add_done_callback(cancelled)
+        return fut
+
+    def health(self) -> dict[str, Any]:
+        out = dict(self._call("health"))
+        out["pid"] = self.pid
+        return out
