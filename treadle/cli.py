@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="shard each model's blocks over N ranks with FSDP2 (gloo on CPU)",
     )
     s.add_argument(
+        "--worker-memory-headroom-mb",
+        type=float,
+        default=None,
+        help="cap each worker process's memory at its loaded size plus this: a request that needs more fails "
+        "with an out-of-memory error and the worker keeps serving (default: no cap)",
+    )
+    s.add_argument(
         "--in-process",
         action="store_true",
         help="run the engines inside the server process (default: one worker process per model)",

@@ -57,6 +57,7 @@ class ServerConfig:
     ray_address: str | None = None  # --ray ADDRESS; None with placement "ray": a local Ray runtime
     replicas: int = 1  # Ray: replicas of each model
     shards: int = 1  # FSDP2: ranks one model's blocks are sharded over
+    worker_memory_headroom_mb: float | None = None  # a worker's memory cap beyond its loaded model
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> ServerConfig:
@@ -80,6 +81,10 @@ class ServerConfig:
             cfg.placement = "inprocess"
         cfg.replicas = int(getattr(args, "replicas", 1) or 1)
         cfg.shards = int(getattr(args, "shards", 1) or 1)
+        headroom = getattr(args, "worker_memory_headroom_mb", None)
+        if headroom is not None:
+            require(headroom > 0, "--worker-memory-headroom-mb", f"must be > 0, got {headroom}")
+            cfg.worker_memory_headroom_mb = float(headroom)
         if getattr(args, "session_timeout", None) is not None:
             cfg.session_timeout_s = float(args.session_timeout)
             cfg.sweep_interval_s = min(cfg.sweep_interval_s, max(cfg.session_timeout_s / 4, 0.5))
@@ -150,6 +155,7 @@ def build_service(cfg: ServerConfig) -> Any:
             kv_cache_mb=cfg.kv_cache_mb,
             prefix_retention=cfg.prefix_retention,
             shards=cfg.shards,
+            memory_headroom_mb=cfg.worker_memory_headroom_mb,
         )
         for name in names
     ]

@@ -216,10 +216,8 @@ class Engine:
         return self.tokenizer.decode(res.sequences[0].tokens, skip_special_tokens=True)
 
     def health(self) -> dict[str, Any]:
-        """Liveness and load: answered by the compute thread, so a wedged thread shows as a timeout."""
-        return self.compute.call(
-            lambda: {"adapters": len(self.bank.ids()), "active_rows": self.sampler.active_rows}
-        )
+        """Liveness and load, read without waiting for the compute thread (a long training op is not a fault)."""
+        return {"adapters": len(self.bank.ids()), "active_rows": self.sampler.active_rows}
 
     def close(self) -> None:
         self.sampler.close()

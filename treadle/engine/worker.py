@@ -74,6 +74,24 @@ class Worker:
     def health(self) -> dict[str, Any]:
         return self._engine.health()
 
+    def status(self) -> dict[str, Any]:
+        """What an operator sees per worker: the model, replica, placement, pid and whether it serves now."""
+        out: dict[str, Any] = {
+            "model": self.name,
+            "replica": self.replica,
+            "placement": getattr(self._engine, "placement", "inprocess"),
+        }
+        pid = getattr(self._engine, "pid", None)
+        if pid is not None:
+            out["pid"] = pid
+        try:
+            out.update(self._engine.health())
+            out["state"] = "serving"
+        except TreadleError as e:
+            out["state"] = "lost"
+            out["detail"] = e.message
+        return out
+
     # ---- ordered and unordered ops ---------------------------------------------------------------------------
     def open(self, key: str, next_seq: int = 1) -> None:
         """Start ordering `key`'s ops (a training run) at `next_seq`."""

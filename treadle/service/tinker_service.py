@@ -68,6 +68,10 @@ class TinkerService:
         if recovered:
             log.warning("%d requests were in flight when the server last stopped; they now fail", recovered)
 
+    def workers(self) -> list[dict[str, Any]]:
+        """Each worker's model, replica, placement, pid and state (`serving` or `lost` with why)."""
+        return [w.status() for w in self.pool.all()]
+
     def close(self) -> None:
         self.pool.close()
         self._state.resolver.shutdown(wait=True)

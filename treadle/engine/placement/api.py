@@ -47,6 +47,9 @@ class EngineSpec:
     kv_cache_mb: float | None = 2048
     prefix_retention: bool = True
     shards: int = 1  # > 1: the base model's blocks are sharded over this many ranks with FSDP2
+    # A worker process's memory beyond what the loaded model takes (RLIMIT_AS): a request that needs more fails
+    # alone with an out-of-memory error instead of the kernel killing the process. None: no limit.
+    memory_headroom_mb: float | None = None
 
 
 class WorkerLostError(TreadleError):

@@ -50,6 +50,8 @@ class _Server:
         except BaseException as e:  # noqa: BLE001 - the parent must learn why the worker could not start
             self.send(("failed", pack_error(e)))
             return
+        if spec.memory_headroom_mb is not None:
+            _limit_memory(spec.memory_headroom_mb)
         self.send(("ready", self.engine.info))
         while True:
             try:
@@ -100,6 +102,20 @@ class _Server:
             return
         e = fut.exception()
         self.send(("err", rid, pack_error(e)) if e is not None else ("ok", rid, fut.result()))
+
+
+def _limit_memory(headroom_mb: float) -> None:
+    """Cap this process's address space at its current size plus `headroom_mb`: an allocation past it fails
+    (torch raises, the request gets an out-of-memory error) and the process lives on."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[0])
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + int(headroom_mb * 2**20)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(
+        resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard)
+    )
 
 
 def main() -> None:

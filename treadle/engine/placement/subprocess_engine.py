@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # loading a large model from disk can take minutes
+HEALTH_TIMEOUT_S = 5.0
 
 
 class _Pending:
@@ -72,6 +73,8 @@ def _describe_exit(code: int | None) -> str:
 
 
 class SubprocessEngine:
+    placement = "subprocess"
+
     def __init__(
         self, spec: EngineSpec, *, replica: int = 0, env: dict[str, str] | None = None, restart: bool = True
     ) -> None:
@@ -109,6 +112,9 @@ class SubprocessEngine:
     def _start(self) -> EngineInfo:
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ, **self._env)
+        if self.spec.memory_headroom_mb is not None:
+            # glibc reserves 64 MB of address space per thread arena, which the worker's RLIMIT_AS would count
+            env.setdefault("MALLOC_ARENA_MAX", "2")
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "treadle.engine.placement.child", str(child_sock.fileno())],
@@ -344,6 +350,10 @@ class SubprocessEngine:
         return fut
 
     def health(self) -> dict[str, Any]:
-        out = dict(self._call("health"))
-        out["pid"] = self.pid
-        return out
+        _rid, fut = self._submit(lambda rid: ("call", rid, "health", (), {}))
+        try:
+            return dict(fut.result(timeout=HEALTH_TIMEOUT_S))
+        except concurrent.futures.TimeoutError:
+            raise WorkerLostError(
+                f"worker for {self.label}: no answer to a health check in {HEALTH_TIMEOUT_S} s"
+            ) from None

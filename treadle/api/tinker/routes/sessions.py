@@ -4,6 +4,7 @@ sessions, telemetry, health, capabilities and the API key's own record.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -68,6 +69,11 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
+
+    @r.get("/workers")
+    async def workers(request: Request) -> dict[str, Any]:
+        owner(service, request)
+        return {"workers": await asyncio.to_thread(service.workers)}
 
     @r.get("/get_server_capabilities")
     async def capabilities() -> dict[str, Any]:
