@@ -10,6 +10,7 @@ that cannot start fails the module with Ray's reason rather than skipping it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -216,6 +217,24 @@ def test_errors_keep_type_and_message(replicas: list[RayEngine], local: Engine) 
         r.import_adapter("x", replicas[0].export_adapter("gone"))
 
 
+def test_out_of_memory_fails_one_request_and_keeps_serving(ray_runtime: None, tiny_model_dir: Path) -> None:
+    """`memory_headroom_mb` caps the actor's address space: an oversized forward_backward fails alone."""
+    spec = dataclasses.replace(_spec(tiny_model_dir), memory_headroom_mb=300)
+    r = RayEngine(spec, replica=2, num_cpus=0, env=ACTOR_ENV)  # 0 CPUs: the two replicas hold both
+    try:
+        r.create_adapter("a", LoraConfig(rank=4, seed=0))
+        pid = r.pid
+        huge = [_datum([5 + k % 1000 for k in range(2000)])] * 4  # logits alone: 4 x 2000 x vocab x 4 bytes
+        with pytest.raises(TreadleError, match="out of memory") as e:
+            r.forward_backward([ForwardBackwardRequest("a", huge, "cross_entropy")])
+        assert e.value.category == "server" and not isinstance(e.value, WorkerLostError)
+        _fb(r, "a")  # the same actor serves the next request
+        assert len(r.sample(_greedy("a", 4)).result(30).sequences[0].tokens) == 4
+        assert r.pid == pid
+    finally:
+        r.close()
+
+
 def test_kill_9_fails_in_flight_work_and_restarts(replicas: list[RayEngine]) -> None:
     r = replicas[0]
     lost: list[str] = []
@@ -267,6 +286,8 @@ def test_kill_9_fails_in_flight_work_and_restarts(replicas: list[RayEngine]) -> 
     with pytest.raises(WorkerLostError, match="starting"):
         r.health()  # fails fast while the fresh actor starts
     assert not r.has_adapter("victim")
+    other = replicas[1].sample(_greedy(None, 4)).result(30)  # the other replica kept serving
+    assert len(other.sequences[0].tokens) == 4
 
     def serving() -> bool:
         try:

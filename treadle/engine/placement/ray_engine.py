@@ -41,7 +41,9 @@ every unfinished sample fails with `WorkerLostError` (category `server`) naming 
 what Ray reported; the lost handler runs; a fresh actor with the same spec starts in the background (no
 adapters: runs continue from their last saved checkpoint). Calls made while it starts fail fast with the same
 error saying so. Ray's own actor restarts are off (`max_restarts=0`): restarting here is what lets the service
-hear about the loss before a fresh, empty engine answers.
+hear about the loss before a fresh, empty engine answers. With `spec.memory_headroom_mb` the actor caps its
+address space as the subprocess worker does, so an oversized request fails alone with an out-of-memory error
+and the actor keeps serving.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ class _EngineActor:
             set()
         )  # cancels that overtook their sample (threaded actor: no call order)
         self._failed: ErrorFields | None = None
+        self._headroom_mb = spec.memory_headroom_mb
         self.engine: Any = None
         try:
             self.engine = make_engine(spec)
@@ -138,6 +141,13 @@ class _EngineActor:
     def ready(self) -> tuple[Any, ...]:
         if self._failed is not None:
             return ("failed", self._failed)
+        if self._headroom_mb is not None:
+            # Capped here, not in __init__: Ray starts the actor's thread pool (its stacks count against
+            # RLIMIT_AS) only after __init__ returns, and a thread it then could not create would abort it.
+            from treadle.engine.placement.child import _limit_memory  # the subprocess worker's own cap
+
+            _limit_memory(self._headroom_mb)
+            self._headroom_mb = None
         return ("ready", self.engine.info, os.getpid())
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -274,6 +284,8 @@ def _describe_death(e: BaseException) -> str:
 
 
 class RayEngine:
+    placement = "ray"
+
     def __init__(
         self,
         spec: EngineSpec,
@@ -320,8 +332,12 @@ class RayEngine:
     def _options(self) -> dict[str, Any]:
         gpu = self.spec.device.startswith("cuda")
         opts: dict[str, Any] = {"num_cpus": self._num_cpus, "num_gpus": 1 if gpu else 0}
-        if self._env:
-            opts["runtime_env"] = {"env_vars": self._env}
+        env = dict(self._env)
+        if self.spec.memory_headroom_mb is not None:
+            # glibc reserves 64 MB of address space per thread arena, which the actor's RLIMIT_AS would count
+            env.setdefault("MALLOC_ARENA_MAX", "2")
+        if env:
+            opts["runtime_env"] = {"env_vars": env}
         return opts
 
     def _start(self) -> EngineInfo:
