@@ -14,4 +14,5 @@ BENCHMARKS: dict[str, str] = {
     "vision": "treadle.bench.vision:bench_vision",
     "multiturn": "treadle.bench.multiturn:bench_multiturn",
     "sdk": "treadle.bench.sdk:bench_sdk",
+    "ray": "treadle.bench.ray_replicas:bench_ray",
 }
