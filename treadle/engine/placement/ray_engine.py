@@ -76,6 +76,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # placing an actor and loading a large model can take minutes
+HEALTH_TIMEOUT_S = (
+    30.0  # health reads counters without waiting for compute: a slower answer is a wedged actor
+)
 POLL_S = 2.0  # the long poll's wait when there is nothing to report
 MAX_CONCURRENCY = 64  # actor threads: one poll + one training call + submissions, cancels, health checks
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
@@ -341,6 +344,8 @@ class RayEngine:
         return opts
 
     def _start(self) -> EngineInfo:
+        if not ray.is_initialized():  # never let `.remote()` start a runtime of its own (Ray's auto-init)
+            raise TreadleError(f"worker for {self.label}: Ray is not connected (shut down?)")
         # Ray hides every GPU but the one it granted: the actor's device is that one, whatever index was asked
         spec = (
             dataclasses.replace(self.spec, device="cuda")
@@ -392,7 +397,7 @@ class RayEngine:
     def _drain(self, actor: Any) -> None:
         while True:
             with self._lock:
-                if self._closing or self._actor is not actor:
+                if self._closing or self._actor is not actor or not ray.is_initialized():
                     return
             try:
                 events = ray.get(actor.poll.remote(POLL_S))
@@ -481,10 +486,14 @@ class RayEngine:
                 raise WorkerLostError(self._lost or f"worker for {self.label}: not running")
             return self._actor
 
-    def _get(self, actor: Any, ref: Any) -> Any:
+    def _get(self, actor: Any, ref: Any, timeout: float | None = None) -> Any:
         """`ray.get(ref)` of a call to `actor`, with its death turned into WorkerLostError and errors unpacked."""
         try:
-            out = ray.get(ref)
+            out = ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TreadleError(
+                f"worker for {self.label}: the Ray actor did not answer in {timeout:.0f} s"
+            ) from None
         except ray.exceptions.RayActorError as e:
             if e.actor_id is not None and e.actor_id != actor._actor_id.hex():
                 # another replica (the source of an import) died, not this one
@@ -496,9 +505,9 @@ class RayEngine:
             raise unpack_error(out[1])
         return out
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, method: str, *args: Any, _timeout: float | None = None, **kwargs: Any) -> Any:
         actor = self._current()
-        return self._get(actor, actor.call.remote(method, args, kwargs))[1]
+        return self._get(actor, actor.call.remote(method, args, kwargs), _timeout)[1]
 
     # ---- EngineAPI ---------------------------------------------------------------------------------------------
     @property
@@ -613,7 +622,7 @@ class RayEngine:
         return fut
 
     def health(self) -> dict[str, Any]:
-        out = dict(self._call("health"))
+        out = dict(self._call("health", _timeout=HEALTH_TIMEOUT_S))
         out["pid"] = self._pid
         return out
 
