@@ -124,6 +124,24 @@ def _streaming(base_url: str, model: str) -> dict[str, str]:
     return {"whole": whole.choices[0].text, "streamed": parts}
 
 
+def _replicas_sampling(server: ServerProcess, sc: tinker.ServiceClient) -> int:
+    """How many replicas generate at once while 6 long samples of one run's snapshot are in flight."""
+    tc = sc.create_lora_training_client(base_model=server.model, rank=4).result()
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    params = types.SamplingParams(max_tokens=600, temperature=1.0, stop=[])
+    futs = [sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 1, params) for _ in range(6)]
+    busiest = 0
+    with httpx.Client(headers={"X-API-Key": API_KEY}, timeout=30) as http:
+        for _ in range(100):
+            workers = http.get(f"{server.base_url}/api/v1/workers").json()["workers"]
+            busiest = max(busiest, sum(1 for w in workers if w.get("active_rows", 0) > 0))
+            if busiest == len(workers) or all(f.done() for f in futs):
+                break
+    for f in futs:
+        f.result()
+    return busiest
+
+
 def _behaviour(server: ServerProcess) -> dict[str, Any]:
     sc = tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY)
     alone = _train(sc, server.model, seed=0)
@@ -142,6 +160,7 @@ def _behaviour(server: ServerProcess) -> dict[str, Any]:
         "ordered": ordered,
         "cancelled": cancelled,
         "streaming": _streaming(server.base_url, server.model),
+        "replicas_sampling": _replicas_sampling(server, sc),
     }
 
 
@@ -170,9 +189,14 @@ def test_behaviour_in_each_placement(behaviours: dict[str, dict[str, Any]], plac
     assert b["ordered"][1] == b["ordered"][2] and "metrics" in b["ordered"][1]
     assert b["cancelled"] == "user:cancelled"
     assert b["streaming"]["streamed"] == b["streaming"]["whole"] and b["streaming"]["whole"]
+    # Ray: a run trains on one replica, but its snapshots reach every replica, and sampling spreads over them
+    assert b["replicas_sampling"] == (2 if placement == "ray_2_replicas" else 1)
 
 
 def test_placements_agree_bitwise(behaviours: dict[str, dict[str, Any]]) -> None:
-    reference = behaviours["in_process"]
+    def values(b: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in b.items() if k != "replicas_sampling"}
+
+    reference = values(behaviours["in_process"])
     for name, b in behaviours.items():
-        assert b == reference, f"{name} differs from in-process"
+        assert values(b) == reference, f"{name} differs from in-process"

@@ -50,6 +50,7 @@ class Worker:
         self.scheduler = Scheduler(engine, f"{name}#{replica}")
         self._lost: list[LostListener] = []
         self._lock = threading.Lock()
+        self.samples_in_flight = 0  # for choosing among replicas (read without the lock: a hint)
         set_handler = getattr(engine, "set_lost_handler", None)
         if set_handler is not None:  # a placement whose process can die (subprocess, Ray)
             set_handler(self._notify_lost)
@@ -164,7 +165,27 @@ class Worker:
     def sample(
         self, req: SampleRequest, on_token: TokenCallback | None = None
     ) -> concurrent.futures.Future[SampleResult]:
-        return self._engine.sample(req, on_token)
+        fut = self._engine.sample(req, on_token)
+        with self._lock:
+            self.samples_in_flight += 1
+        fut.add_done_callback(self._sample_done)
+        return fut
+
+    def _sample_done(self, _fut: concurrent.futures.Future[SampleResult]) -> None:
+        with self._lock:
+            self.samples_in_flight -= 1
+
+    # ---- adapters between replicas (placements that support it: Ray) ---------------------------------
+    @property
+    def moves_adapters(self) -> bool:
+        return hasattr(self._engine, "export_adapter") and hasattr(self._engine, "import_adapter")
+
+    def export_adapter(self, adapter_id: str) -> Any:
+        """A handle to the adapter's weights that another replica's `import_adapter` takes."""
+        return self._engine.export_adapter(adapter_id)  # type: ignore[attr-defined]
+
+    def import_adapter(self, adapter_id: str, handle: Any) -> None:
+        self._engine.import_adapter(adapter_id, handle)  # type: ignore[attr-defined]
 
     # ---- faults ---------------------------------------------------------------------------------------------
     def on_lost(self, listener: LostListener) -> None:

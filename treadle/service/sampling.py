@@ -150,7 +150,7 @@ class Sampling:
                 # Runs now or, if the server is out of sampling tokens, when room frees (on the event loop). It
                 # never raises once it owns the tokens: the budget would release them a second time.
                 try:
-                    fut = engine.sample(req)
+                    fut = target.pick().sample(req)
                 except Exception as e:
                     budget.release(owner, tokens)
                     try:

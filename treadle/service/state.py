@@ -62,6 +62,13 @@ class LoadedModel:
 class LoadedSampler:
     worker: Worker
     adapter_id: str | None  # None = the base model
+    # other replicas holding the same weights (Ray, --replicas N: a run's snapshots are copied to every replica
+    # through Ray's object store, so sampling them spreads over the replicas while training stays on its own)
+    replicas: list[Worker] = dataclasses.field(default_factory=list)
+
+    def pick(self) -> Worker:
+        """The replica with the fewest samples in flight (ties: the run's own replica)."""
+        return min([self.worker, *self.replicas], key=lambda w: w.samples_in_flight)
 
 
 class ServiceState:
@@ -276,7 +283,12 @@ class ServiceState:
                 worker.close_stream(mid, why, err)
         while len(self.lost_runs) > 10_000:
             self.lost_runs.popitem(last=False)
-        self.samplers = {k: v for k, v in self.samplers.items() if v.worker is not worker}
+        kept: dict[str, LoadedSampler] = {}
+        for k, v in self.samplers.items():
+            if v.worker is not worker:
+                v.replicas = [w for w in v.replicas if w is not worker]
+                kept[k] = v
+        self.samplers = kept
 
     def forget_samplers_of(self, adapter_id: str) -> None:
         self.samplers = {k: v for k, v in self.samplers.items() if v.adapter_id != adapter_id}

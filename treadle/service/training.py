@@ -3,13 +3,17 @@ in-memory sampler snapshots in seq_id order on its worker."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig
-from treadle.errors import ConflictError, require
+from treadle.engine.worker import Worker
+from treadle.errors import ConflictError, TreadleError, require
 from treadle.service import paths
 from treadle.service.state import LoadedModel, LoadedSampler, ServiceState
 from treadle.store import SamplerRow
+
+log = logging.getLogger(__name__)
 
 
 class Training:
@@ -93,18 +97,36 @@ class Training:
         sid = paths.sampler_id(model.session_id, sampling_seq_id)
 
         def call(m: LoadedModel) -> dict[str, Any]:
-            engine = m.worker
-            engine.snapshot_adapter(model_id, sid)
+            m.worker.snapshot_adapter(model_id, sid)
+            copies = _copy_to_replicas(m.worker, s.pool.replicas(m.worker.name), sid)
             s.store.add_sampler(SamplerRow(sid, m.session_id, owner, m.worker.name, None, "snapshot"))
-            s.samplers[sid] = LoadedSampler(m.worker, sid)
+            s.samplers[sid] = LoadedSampler(m.worker, sid, copies)
             m.ephemeral.append(sid)
             # Snapshots are in-memory copies made every RL step; keep the few recent ones an off-policy
             # loop may still sample from.
             while len(m.ephemeral) > s.cfg.ephemeral_samplers_per_model:
                 old = m.ephemeral.popleft()
                 s.samplers.pop(old, None)
-                if engine.has_adapter(old):
-                    engine.remove_adapter(old)
+                for w in [m.worker, *copies]:
+                    if w.has_adapter(old):
+                        w.remove_adapter(old)
             return {"sampling_session_id": sid, "type": "save_weights_for_sampler"}
 
         return s.ordered(owner, model_id, seq_id, "save_weights_for_sampler", call)
+
+
+def _copy_to_replicas(home: Worker, replicas: list[Worker], adapter_id: str) -> list[Worker]:
+    """Copy a snapshot from the run's replica to the others that can take it (Ray: through the object store);
+    returns those that have it. A replica that fails to take it is skipped: it just does not serve that one."""
+    others = [w for w in replicas if w is not home and w.moves_adapters and home.moves_adapters]
+    if not others:
+        return []
+    handle = home.export_adapter(adapter_id)
+    copies = []
+    for w in others:
+        try:
+            w.import_adapter(adapter_id, handle)
+            copies.append(w)
+        except TreadleError as e:
+            log.warning("snapshot %s stays off %s: %s", adapter_id, w.label, e.message)
+    return copies
