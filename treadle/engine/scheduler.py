@@ -93,6 +93,7 @@ class Scheduler:
         self._unordered: collections.deque[Op] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self.busy = False  # running ops right now (a hint for placing samples among replicas)
         self._thread = threading.Thread(target=self._loop, name=f"treadle-worker-{name}", daemon=True)
         self._thread.start()
 
@@ -142,12 +143,14 @@ class Scheduler:
 
     def _loop(self) -> None:
         while (ready := self._take()) is not None:
+            self.busy = True
             fused = [op for op in ready if op.fb is not None]
             if fused:
                 self._run_fused(fused)
             for op in ready:
                 if op.call is not None:
                     _finish(op, _run_call(op.call))
+            self.busy = False
 
     def _run_fused(self, ops: list[Op]) -> None:
         try:

@@ -175,6 +175,11 @@ class Worker:
         with self._lock:
             self.samples_in_flight -= 1
 
+    @property
+    def training_busy(self) -> bool:
+        """Running a training op (or another scheduled call) right now."""
+        return self.scheduler.busy
+
     # ---- adapters between replicas (placements that support it: Ray) ---------------------------------
     @property
     def moves_adapters(self) -> bool:

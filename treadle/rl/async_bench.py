@@ -294,14 +294,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_subprocess(model: str, env: dict[str, str], timeout_s: float = 600.0) -> Iterator[str]:
+def serve_subprocess(
+    model: str, env: dict[str, str], timeout_s: float = 600.0, extra_args: Sequence[str] = ()
+) -> Iterator[str]:
     """`treadle serve` on a free port in a temporary data dir; yields its base URL."""
     import httpx
 
     with tempfile.TemporaryDirectory(prefix="treadle-bench-rl-") as data_dir:
         port = _free_port()
         cmd = [sys.executable, "-m", "treadle.cli", "serve", "--port", str(port), "--model", model]
-        cmd += ["--data-dir", data_dir, "--api-key", API_KEY]
+        cmd += ["--data-dir", data_dir, "--api-key", API_KEY, *extra_args]
         log_path = os.path.join(data_dir, "server.log")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -343,12 +345,12 @@ async def _run_modes(url: str, model: str, cfg: RLBenchConfig) -> list[ModeResul
     return results
 
 
-def run_bench(model: str, cfg: RLBenchConfig) -> list[ModeResult]:
-    """Start a server, run both modes against it, stop it."""
+def run_bench(model: str, cfg: RLBenchConfig, serve_args: Sequence[str] = ()) -> list[ModeResult]:
+    """Start a server (`treadle serve MODEL *serve_args`), run both modes against it, stop it."""
     server_env = {**os.environ, "TINKER_TELEMETRY": "0"}
     limit_client_threads()  # after copying the environment: the server keeps its own thread count
     os.environ.setdefault("TINKER_TELEMETRY", "0")
-    with serve_subprocess(model, server_env) as url, warnings.catch_warnings():
+    with serve_subprocess(model, server_env, extra_args=serve_args) as url, warnings.catch_warnings():
         # the cookbook 0.5.8 calls the SDK's *_async methods, which tinker 0.38 marks deprecated on every call
         warnings.simplefilter("ignore", FutureWarning)
         return asyncio.run(_run_modes(url, model, cfg))
@@ -382,11 +384,17 @@ def bench_rl(model: str, *, quick: bool = False) -> tuple[list[Any], dict[str, A
     from treadle.bench.runner import Row
 
     base = RLBenchConfig(steps=3) if quick else RLBenchConfig()
+    react = dataclasses.replace(base, tool_calls_per_step=4)
+    # The third setting gives rollouts their own compute: two Ray replicas of the model (one core each here);
+    # the run trains on one while its snapshots' rollouts go to the replica that is not training.
+    settings = [(base, ()), (react, ()), (react, ("--ray", "--replicas", "2"))]
     rows, modes = [], []
-    for cfg in (base, dataclasses.replace(base, tool_calls_per_step=4)):
-        sync, async_ = run_bench(model, cfg)
+    for cfg, serve_args in settings:
+        sync, async_ = run_bench(model, cfg, serve_args)
+        where = ", 2 Ray replicas" if serve_args else ""
+        print(f"server: treadle serve {' '.join(serve_args) or '(one worker process)'}")
         print(format_results([sync, async_], cfg))
-        tools = f"{cfg.tool_calls_per_step} x {cfg.tool_latency_s * 1000:.0f} ms tool calls/step"
+        tools = f"{cfg.tool_calls_per_step} x {cfg.tool_latency_s * 1000:.0f} ms tool calls/step{where}"
         rows += [
             Row(
                 f"RL steps/min, async vs sync ({tools})",
@@ -410,5 +418,11 @@ def bench_rl(model: str, *, quick: bool = False) -> tuple[list[Any], dict[str, A
                 1.0,
             ),
         ]
-        modes.append({"config": dataclasses.asdict(cfg), "modes": [sync.summary(), async_.summary()]})
+        modes.append(
+            {
+                "config": dataclasses.asdict(cfg),
+                "serve_args": list(serve_args),
+                "modes": [sync.summary(), async_.summary()],
+            }
+        )
     return rows, {"runs": modes}

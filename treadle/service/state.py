@@ -67,8 +67,9 @@ class LoadedSampler:
     replicas: list[Worker] = dataclasses.field(default_factory=list)
 
     def pick(self) -> Worker:
-        """The replica with the fewest samples in flight (ties: the run's own replica)."""
-        return min([self.worker, *self.replicas], key=lambda w: w.samples_in_flight)
+        """A replica not running a training op if there is one (rollouts overlap training that way), then the
+        one with the fewest samples in flight; ties go to the run's own replica."""
+        return min([self.worker, *self.replicas], key=lambda w: (w.training_busy, w.samples_in_flight))
 
 
 class ServiceState:
