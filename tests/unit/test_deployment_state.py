@@ -28,6 +28,11 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinkerService]
     svc.close()
 
 
+def _run(x: Any) -> Any:
+    """Deployments' mutations and lookup are coroutines (they await an adapter load on its worker)."""
+    return asyncio.run(x)
+
+
 def _deployments(service: TinkerService) -> Deployments:
     store = TraceStore(service.store)
     return Deployments(service, store, Traces(store))
@@ -70,23 +75,23 @@ def test_create_promote_rollback(service: TinkerService, checkpoints: list[str])
     d = _deployments(service)
     base = service.pool.names()[0]
     a, b = checkpoints
-    made = d.create("local", "sm-bot", base)
+    made = _run(d.create("local", "sm-bot", base))
     assert (made["version"], made["model_path"], made["base_model"]) == (1, base, base)
-    target = d.lookup("sm-bot", "local")
+    target = _run(d.lookup("sm-bot", "local"))
     assert target is not None and target.adapter_id is None and target.served.version == 1
 
-    p = d.promote("local", "sm-bot", a, "better")
+    p = _run(d.promote("local", "sm-bot", a, "better"))
     assert (p["version"], p["model_path"]) == (2, a)
-    target = d.lookup("sm-bot", "local")
+    target = _run(d.lookup("sm-bot", "local"))
     assert target is not None and target.served.version == 2
     assert target.adapter_id is not None and target.engine.has_adapter(
         target.adapter_id
     )  # loaded before live
 
-    assert d.promote("local", "sm-bot", b)["version"] == 3
-    back = d.rollback("local", "sm-bot")  # default: the version before the live one
+    assert _run(d.promote("local", "sm-bot", b))["version"] == 3
+    back = _run(d.rollback("local", "sm-bot"))  # default: the version before the live one
     assert (back["version"], back["model_path"]) == (4, a)
-    first = d.rollback("local", "sm-bot", 1, "bad day")
+    first = _run(d.rollback("local", "sm-bot", 1, "bad day"))
     assert (first["version"], first["model_path"]) == (5, base)
     assert [(h["version"], h["reason"]) for h in first["history"]] == [
         (1, "create"),
@@ -98,42 +103,46 @@ def test_create_promote_rollback(service: TinkerService, checkpoints: list[str])
     assert [x["name"] for x in d.list_all("local")["deployments"]] == ["sm-bot"]
 
     # A fresh service object over the same DB (a restart) serves the same live version.
-    again = _deployments(service).lookup("sm-bot", "local")
+    again = _run(_deployments(service).lookup("sm-bot", "local"))
     assert again is not None and (again.served.version, again.served.model_path) == (5, base)
 
 
 @pytest.mark.parametrize(
     ("call", "error", "field"),
     [
-        (lambda d, base, a: d.create("local", "rf-bot", base), ConflictError, "name"),
-        (lambda d, base, a: d.create("local", "bad name!", base), UserError, "name"),
-        (lambda d, base, a: d.create("local", base, base), UserError, "name"),
+        (lambda d, base, a: _run(d.create("local", "rf-bot", base)), ConflictError, "name"),
+        (lambda d, base, a: _run(d.create("local", "bad name!", base)), UserError, "name"),
+        (lambda d, base, a: _run(d.create("local", base, base)), UserError, "name"),
         (
-            lambda d, base, a: d.create("local", "new", "tinker://nope/sampler_weights/x"),
+            lambda d, base, a: _run(d.create("local", "new", "tinker://nope/sampler_weights/x")),
             NotFoundError,
             "model_path",
         ),
-        (lambda d, base, a: d.create("local", "new", "no-such-model"), NotFoundError, "model_path"),
+        (lambda d, base, a: _run(d.create("local", "new", "no-such-model")), NotFoundError, "model_path"),
         (
-            lambda d, base, a: d.promote("local", "rf-bot", "tinker://nope/sampler_weights/x"),
+            lambda d, base, a: _run(d.promote("local", "rf-bot", "tinker://nope/sampler_weights/x")),
             NotFoundError,
             "model_path",
         ),
-        (lambda d, base, a: d.promote("local", "rf-bot", "tinker://x/bogus/y"), UserError, "model_path"),
-        (lambda d, base, a: d.promote("local", "rf-bot", None), UserError, "model_path"),
-        (lambda d, base, a: d.promote("local", "rf-bot", a, "x" * 3000), UserError, "reason"),
-        (lambda d, base, a: d.promote("bob", "rf-bot", a), NotFoundError, "deployment"),
-        (lambda d, base, a: d.rollback("local", "rf-bot"), UserError, "version"),
-        (lambda d, base, a: d.rollback("local", "rf-bot", 7), NotFoundError, "version"),
-        (lambda d, base, a: d.rollback("local", "rf-bot", "1"), UserError, "version"),
-        (lambda d, base, a: d.rollback("local", "rf-bot", 1), UserError, "version"),
+        (
+            lambda d, base, a: _run(d.promote("local", "rf-bot", "tinker://x/bogus/y")),
+            UserError,
+            "model_path",
+        ),
+        (lambda d, base, a: _run(d.promote("local", "rf-bot", None)), UserError, "model_path"),
+        (lambda d, base, a: _run(d.promote("local", "rf-bot", a, "x" * 3000)), UserError, "reason"),
+        (lambda d, base, a: _run(d.promote("bob", "rf-bot", a)), NotFoundError, "deployment"),
+        (lambda d, base, a: _run(d.rollback("local", "rf-bot")), UserError, "version"),
+        (lambda d, base, a: _run(d.rollback("local", "rf-bot", 7)), NotFoundError, "version"),
+        (lambda d, base, a: _run(d.rollback("local", "rf-bot", "1")), UserError, "version"),
+        (lambda d, base, a: _run(d.rollback("local", "rf-bot", 1)), UserError, "version"),
     ],
 )
 def test_refusals_change_nothing(service: TinkerService, checkpoints: list[str], call, error, field) -> None:
     d = _deployments(service)
     base = service.pool.names()[0]
     if d.store.get_deployment("local", "rf-bot") is None:
-        d.create("local", "rf-bot", base)
+        _run(d.create("local", "rf-bot", base))
     before = d.get("local", "rf-bot")
     with pytest.raises(error) as e:
         call(d, base, checkpoints[0])
@@ -144,13 +153,13 @@ def test_refusals_change_nothing(service: TinkerService, checkpoints: list[str],
 
 def test_owner_scoping(service: TinkerService, checkpoints: list[str]) -> None:
     d = _deployments(service)
-    d.create("local", "own-bot", checkpoints[0])
-    assert d.lookup("own-bot", "bob") is None
+    _run(d.create("local", "own-bot", checkpoints[0]))
+    assert _run(d.lookup("own-bot", "bob")) is None
     with pytest.raises(NotFoundError, match="your deployments: none"):
         d.get("bob", "own-bot")
     with pytest.raises(
         NotFoundError, match="model_path"
     ):  # another owner's checkpoint does not exist for bob
-        d.create("bob", "own-bot", checkpoints[0])
+        _run(d.create("bob", "own-bot", checkpoints[0]))
     with pytest.raises(NotFoundError, match="own-bot"):
         d.get("local", "no-such-bot")  # the 404 lists the caller's deployments

@@ -49,7 +49,7 @@ class OneEngineBackend:
     def served_models(self, owner: str) -> list[str]:
         return [BASE]
 
-    def resolve(self, model: str, owner: str) -> tuple[Engine, str | None]:
+    async def resolve(self, model: str, owner: str) -> tuple[Engine, str | None]:
         if model == BASE:
             return self.engine, None
         found = self.checkpoints.get(model)

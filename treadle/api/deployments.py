@@ -1,8 +1,8 @@
 """The deployment, trace and feedback routes: `/api/v1/deployments…`, `/api/v1/traces…` and `POST /v1/feedback`.
 
 Thin: authenticate (the Tinker API keys, as `X-API-Key` or `Authorization: Bearer`), decode, call the service
-off the event loop (it touches the DB and may load an adapter), encode. Everything is owner-scoped: another
-owner's deployment, trace or completion is a 404. Errors are JSON `{"detail": ...}` naming the field.
+(reads off the event loop; create/promote/rollback are async and await the adapter load on its worker), encode.
+Everything is owner-scoped: another owner's deployment, trace or completion is a 404. Errors are JSON `{"detail": ...}` naming the field.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def make_router(deployments: Deployments) -> APIRouter:
     async def create(request: Request) -> JSONResponse:
         who, body = owner_of(d, request), await _body(request)
         _only(body, ("name", "model_path"))
-        out = await _call(lambda: d.create(who, body.get("name"), body.get("model_path")))
+        out = await d.create(who, body.get("name"), body.get("model_path"))
         return JSONResponse(out, status_code=201)
 
     @r.get("/api/v1/deployments")
@@ -118,13 +118,13 @@ def make_router(deployments: Deployments) -> APIRouter:
     async def promote(name: str, request: Request) -> dict[str, Any]:
         who, body = owner_of(d, request), await _body(request)
         _only(body, ("model_path", "reason"))
-        return await _call(lambda: d.promote(who, name, body.get("model_path"), body.get("reason")))
+        return await d.promote(who, name, body.get("model_path"), body.get("reason"))
 
     @r.post("/api/v1/deployments/{name}/rollback")
     async def rollback(name: str, request: Request) -> dict[str, Any]:
         who, body = owner_of(d, request), await _body(request)
         _only(body, ("version", "reason"))
-        return await _call(lambda: d.rollback(who, name, body.get("version"), body.get("reason")))
+        return await d.rollback(who, name, body.get("version"), body.get("reason"))
 
     @r.delete("/api/v1/deployments/{name}/traces")
     async def delete_traces(name: str, request: Request) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Create, promote and roll back validate first and change nothing on a refusal. A 
 before it becomes live, then switches one in-memory pointer: a request reads the pointer once, when it starts,
 and is served entirely by that version (a stream that began before a promotion finishes on its version); the
 next request uses the new one. Adapters of earlier versions stay loaded, so nothing in flight loses its weights.
+Loading an adapter runs on its worker's scheduler thread (awaited), so the event loop keeps serving meanwhile.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import threading
 from typing import TYPE_CHECKING, Any
 
 from treadle.errors import ConflictError, NotFoundError, TreadleError, UserError, require
@@ -54,7 +54,7 @@ class Deployments:
         self.traces = traces
         self._live: dict[tuple[str, str], Live] = {}  # (owner, name) → the live version; read per request
         self._loaded: dict[tuple[str, str], tuple[Worker, str | None]] = {}  # (owner, model_path) → adapter
-        self._lock = threading.Lock()  # one mutation at a time, so versions never race
+        self._lock = asyncio.Lock()  # one mutation at a time, so versions never race
 
     # ---- validation
     def check_name(self, name: Any) -> str:
@@ -91,14 +91,14 @@ class Deployments:
             raise NotFoundError(f"model_path: no checkpoint {model_path!r}", field="model_path")
         return run.base_model
 
-    def _load(self, owner: str, model_path: str) -> tuple[Worker, str | None]:
+    async def _load(self, owner: str, model_path: str) -> tuple[Worker, str | None]:
         """Load the checkpoint's adapter (if not yet loaded), so switching to it costs no request anything.
         Once loaded, a request checks only that it still is (deleting a checkpoint unloads its adapter)."""
         hit = self._loaded.get((owner, model_path))
         if hit is not None and (hit[1] is None or hit[0].has_adapter(hit[1])):
             return hit
         try:
-            hit = self._backend.resolve(model_path, owner)
+            hit = await self._backend.resolve(model_path, owner)
         except TreadleError as e:
             msg = e.message.removeprefix("model: ")
             raise type(e)(f"model_path: {msg}", field="model_path") from None
@@ -135,34 +135,36 @@ class Deployments:
         return [d.name for d in self.store.list_deployments(owner)]
 
     # ---- mutations
-    def create(self, owner: str, name: Any, model_path: Any) -> dict[str, Any]:
+    async def create(self, owner: str, name: Any, model_path: Any) -> dict[str, Any]:
         name = self.check_name(name)
         base = self._base_model_of(owner, model_path)
-        with self._lock:
+        async with self._lock:
             if self.store.get_deployment(owner, name) is not None:
                 raise ConflictError(f"name: deployment {name!r} already exists", field="name")
-            self._load(owner, model_path)
+            await self._load(owner, model_path)
             first = VersionRow(1, model_path, utcnow(), "create")
             if not self.store.add_deployment(owner, name, base, first):
                 raise ConflictError(f"name: deployment {name!r} already exists", field="name")
             self._live[owner, name] = Live(1, model_path, base)
         return self.get(owner, name)
 
-    def promote(self, owner: str, name: str, model_path: Any, reason: Any = None) -> dict[str, Any]:
+    async def promote(self, owner: str, name: str, model_path: Any, reason: Any = None) -> dict[str, Any]:
         reason = self._reason(reason)
-        with self._lock:
+        async with self._lock:
             row = self._row(owner, name)
-            self._switch(row, model_path, reason or "promote")
+            await self._switch(row, model_path, reason or "promote")
         return self.get(owner, name)
 
-    def rollback(self, owner: str, name: str, version: Any = None, reason: Any = None) -> dict[str, Any]:
+    async def rollback(
+        self, owner: str, name: str, version: Any = None, reason: Any = None
+    ) -> dict[str, Any]:
         reason = self._reason(reason)
         require(
             version is None or (isinstance(version, int) and not isinstance(version, bool)),
             "version",
             f"must be an integer, got {version!r}",
         )
-        with self._lock:
+        async with self._lock:
             row = self._row(owner, name)
             target = version if version is not None else row.version - 1
             if version is None and target < 1:
@@ -179,10 +181,10 @@ class Deployments:
             if target == row.version:
                 raise UserError(f"version: v{target} is already live", field="version")
             note = f"rollback to v{target}" + (f": {reason}" if reason else "")
-            self._switch(row, found[0].model_path, note)
+            await self._switch(row, found[0].model_path, note)
         return self.get(owner, name)
 
-    def _switch(self, row: DeploymentRow, model_path: Any, reason: str) -> None:
+    async def _switch(self, row: DeploymentRow, model_path: Any, reason: str) -> None:
         """Validate and load `model_path`, then record the new version and make it live (caller holds the lock)."""
         base = self._base_model_of(row.owner, model_path)
         if base != row.base_model:
@@ -191,7 +193,7 @@ class Deployments:
                 f"{row.base_model!r}",
                 field="model_path",
             )
-        self._load(row.owner, model_path)
+        await self._load(row.owner, model_path)
         version = max(v.version for v in row.history) + 1
         self.store.add_version(row.owner, row.name, VersionRow(version, model_path, utcnow(), reason))
         self._live[row.owner, row.name] = Live(version, model_path, base)
@@ -206,14 +208,14 @@ class Deployments:
             live = self._live[owner, name] = Live(row.version, row.live.model_path, row.base_model)
         return live
 
-    def lookup(self, model: str, owner: str) -> DeploymentTarget | None:
+    async def lookup(self, model: str, owner: str) -> DeploymentTarget | None:
         """The version serving `model` for `owner` if it names one of their deployments, else None."""
         if not NAME_RE.fullmatch(model):
             return None
         live = self.live(owner, model)
         if live is None:
             return None
-        engine, adapter_id = self._load(owner, live.model_path)
+        engine, adapter_id = await self._load(owner, live.model_path)
         return DeploymentTarget(
             ServedBy(owner, model, live.version, live.model_path, live.base_model), engine, adapter_id
         )

@@ -1,5 +1,6 @@
 """The service side of the OpenAI API (`treadle.api.openai.backend.OpenAIBackend`): the same keys, owners,
-served models and checkpoints as the Tinker API, so a trained adapter is addressable by its tinker:// path."""
+served models and checkpoints as the Tinker API, so a trained adapter is addressable by its tinker:// path.
+A resolved model is a `Worker`, which the routes see only through the `ServedModel` protocol."""
 
 from __future__ import annotations
 
@@ -36,16 +37,18 @@ class ServiceOpenAIBackend:
         `--queue-wait-s` for room, else a 429 naming the limit; returns the release."""
         return await self._service.admission.wait_for_tokens(owner, tokens)
 
-    def resolve(self, model: str, owner: str) -> tuple[Worker, str | None]:
+    async def resolve(self, model: str, owner: str) -> tuple[Worker, str | None]:
+        """A served base model → (a replica of it, None); a checkpoint path the owner may load → (a replica of its
+        base model, the checkpoint's adapter id), loading the adapter on that replica's scheduler thread (once,
+        shared with Tinker samplers of the same path) while the event loop keeps serving."""
         svc = self._service
         if not model.startswith(paths.SCHEME):
-            worker = svc.pool.any_replica(model) if svc.pool.serves(model) else None
-            if worker is None:
+            if not svc.pool.serves(model):
                 raise NotFoundError(
                     f"model: {model!r} is not served here; served models: {', '.join(svc.pool.names())}",
                     field="model",
                 )
-            return worker, None
+            return svc.pool.any_replica(model), None
         try:
             ref = paths.parse_path(model, "model")
             svc.check_loadable(owner, ref, optimizer=False)
@@ -57,7 +60,4 @@ class ServiceOpenAIBackend:
             raise
         except TreadleError as e:
             raise NotFoundError(f"model: {e.message}", field="model") from e
-        adapter_id = f"ckpt:{ref.path}"
-        if not worker.has_adapter(adapter_id):
-            worker.load_adapter(adapter_id, svc.blobs.path(ref.run_id, ref.kind, ref.name), optimizer=False)
-        return worker, adapter_id
+        return worker, await svc.checkpoint_adapter(worker, ref)

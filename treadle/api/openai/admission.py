@@ -14,18 +14,17 @@ from typing import TYPE_CHECKING
 from treadle.api.openai.generation import GenerationSpec, sampling_params
 
 if TYPE_CHECKING:
-    from treadle.api.openai.backend import OpenAIBackend
-    from treadle.engine.worker import Worker
+    from treadle.api.openai.backend import OpenAIBackend, ServedModel
 
 
-def request_tokens(engine: Worker, specs: Sequence[GenerationSpec]) -> int:
+def request_tokens(engine: ServedModel, specs: Sequence[GenerationSpec]) -> int:
     """What a request holds while it generates; invalid lengths raise the same 400 generation would."""
     ctx = engine.info.max_context_length
     return sum(s.n * (len(s.prompt) + sampling_params(s, ctx).max_tokens) for s in specs)
 
 
 async def hold_tokens(
-    backend: OpenAIBackend, owner: str, engine: Worker, specs: Sequence[GenerationSpec]
+    backend: OpenAIBackend, owner: str, engine: ServedModel, specs: Sequence[GenerationSpec]
 ) -> Callable[[], None]:
     """Wait for room and hold the request's tokens; returns their (idempotent) release."""
     tokens = request_tokens(engine, specs)

@@ -15,8 +15,8 @@ from treadle.errors import UserError
 from treadle.models.qwen3_vl import ImageSpan
 
 if TYPE_CHECKING:
+    from treadle.api.openai.backend import ServedModel
     from treadle.engine.sampler import TokenCallback
-    from treadle.engine.worker import Worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,7 @@ def finish_sequence(tokenizer: Any, seq: SampledSequence, spec: GenerationSpec) 
 
 
 async def _top_logprobs(
-    engine: Worker, adapter_id: str | None, spec: GenerationSpec, choice: Choice
+    engine: ServedModel, adapter_id: str | None, spec: GenerationSpec, choice: Choice
 ) -> list[list[tuple[int, float]]]:
     """Top-k alternatives at each generated position: re-score prompt + reply once through the same sampler
     (its top-k prompt logprobs at those positions are exactly the distributions the tokens were drawn from)."""
@@ -141,7 +141,7 @@ async def _top_logprobs(
 
 
 async def generate(
-    engine: Worker, adapter_id: str | None, spec: GenerationSpec, on_token: TokenCallback | None = None
+    engine: ServedModel, adapter_id: str | None, spec: GenerationSpec, on_token: TokenCallback | None = None
 ) -> list[Choice]:
     params = sampling_params(spec, engine.info.max_context_length)
     req = SampleRequest(adapter_id, list(spec.prompt), params, num_samples=spec.n, spans=list(spec.spans))

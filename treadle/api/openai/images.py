@@ -17,7 +17,7 @@ from treadle.errors import UserError
 from treadle.models.qwen3_vl import ImageSpan
 
 if TYPE_CHECKING:
-    from treadle.engine.worker import Worker
+    from treadle.api.openai.backend import ServedModel
 
 _MIME_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg"}
 
@@ -79,7 +79,7 @@ def chat_images(messages: list[Message]) -> list[ChatImage]:
     return out
 
 
-def refuse_unless_vision(engine: Worker, images: list[ChatImage]) -> None:
+def refuse_unless_vision(engine: ServedModel, images: list[ChatImage]) -> None:
     """A text-only model refuses image parts (before its chat template sees them), naming the first one."""
     if images and not engine.images.accepts_images:
         im = images[0]
@@ -87,7 +87,7 @@ def refuse_unless_vision(engine: Worker, images: list[ChatImage]) -> None:
 
 
 def expand_chat_images(
-    engine: Worker, prompt: list[int], images: list[ChatImage]
+    engine: ServedModel, prompt: list[int], images: list[ChatImage]
 ) -> tuple[list[int], list[ImageSpan]]:
     """Prompt ids with one image placeholder per image → ids with each image's tokens, and the image spans."""
     if not images:

@@ -23,7 +23,7 @@ from treadle.engine.types import SampleRequest, SampleResult
 from treadle.errors import TreadleError
 
 if TYPE_CHECKING:
-    from treadle.engine.worker import Worker
+    from treadle.api.openai.backend import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class LiveGeneration:
     """The requests behind one streamed response, submitted at construction (so bad input is rejected before
     the stream starts) and reporting tokens into this event loop."""
 
-    def __init__(self, engine: Worker, adapter_id: str | None, specs: Sequence[GenerationSpec]) -> None:
+    def __init__(self, engine: ServedModel, adapter_id: str | None, specs: Sequence[GenerationSpec]) -> None:
         self._tokenizer = engine.tokenizer
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, int, int, float] | int] = asyncio.Queue()
@@ -142,7 +142,9 @@ class LiveGeneration:
         try:
             for k, spec in enumerate(specs):
                 params = sampling_params(spec, engine.info.max_context_length)
-                req = SampleRequest(adapter_id, list(spec.prompt), params, num_samples=spec.n)
+                req = SampleRequest(
+                    adapter_id, list(spec.prompt), params, num_samples=spec.n, spans=list(spec.spans)
+                )
                 fut = engine.sample(req, self._token_sink(loop, k))
                 fut.add_done_callback(self._done_sink(loop, k))
                 self._pending.append(_Pending(spec, fut, first))

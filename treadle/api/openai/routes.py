@@ -43,7 +43,7 @@ from treadle.api.openai.tracing import Clock, DeploymentGateway, records, tag, t
 from treadle.errors import NotFoundError, TreadleError, UserError
 
 if TYPE_CHECKING:
-    from treadle.engine.worker import Worker
+    from treadle.api.openai.backend import ServedModel
     from treadle.service.deployments import DeploymentTarget
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,9 @@ async def _json_body(request: Request) -> Any:
         raise UserError("body: must be valid JSON", field="body") from None
 
 
-def _resolve(backend: OpenAIBackend, model: str, owner: str) -> tuple[Worker, str | None]:
+async def _resolve(backend: OpenAIBackend, model: str, owner: str) -> tuple[ServedModel, str | None]:
     try:
-        return backend.resolve(model, owner)
+        return await backend.resolve(model, owner)
     except NotFoundError as e:
         served = ", ".join(backend.served_models(owner)) or "none"
         raise NotFoundError(
@@ -82,18 +82,18 @@ def _resolve(backend: OpenAIBackend, model: str, owner: str) -> tuple[Worker, st
         ) from None
 
 
-def _resolve_any(
+async def _resolve_any(
     backend: OpenAIBackend, deployments: DeploymentGateway | None, model: str, owner: str
-) -> tuple[Worker, str | None, DeploymentTarget | None]:
+) -> tuple[ServedModel, str | None, DeploymentTarget | None]:
     """A served base model, one of the caller's deployments (its live version, fixed for this request), or a
     checkpoint path; an unknown name is a 404 listing the served models and the caller's deployments."""
     if deployments is None or model in backend.served_models(owner):
-        return (*_resolve(backend, model, owner), None)
-    target = deployments.lookup(model, owner)
+        return (*await _resolve(backend, model, owner), None)
+    target = await deployments.lookup(model, owner)
     if target is not None:
         return target.engine, target.adapter_id, target
     try:
-        return (*_resolve(backend, model, owner), None)
+        return (*await _resolve(backend, model, owner), None)
     except NotFoundError as e:
         mine = ", ".join(deployments.names(owner)) or "none"
         raise NotFoundError(f"{e.message}; your deployments: {mine}", field="model") from None
@@ -103,7 +103,7 @@ def _head(prefix: str, obj: str, model: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": model}
 
 
-def _stop_ids(engine: Worker, *, chat: bool) -> list[int]:
+def _stop_ids(engine: ServedModel, *, chat: bool) -> list[int]:
     ids = end_of_turn_ids(engine.tokenizer) if chat else []
     return ids + [t for t in engine.info.eos_token_ids if t not in ids]
 
@@ -117,7 +117,7 @@ async def chat_completions(
     req = parse_request(ChatCompletionRequest, raw)
     if req.top_logprobs and not req.logprobs:
         raise UserError("top_logprobs: requires logprobs: true", field="top_logprobs")
-    engine, adapter_id, target = _resolve_any(backend, deployments, req.model, owner)
+    engine, adapter_id, target = await _resolve_any(backend, deployments, req.model, owner)
     # tool_choice "none" means the model must answer in prose: don't offer the tools at all.
     tools = req.tools if req.tool_choice != "none" else None
     images = chat_images(req.messages)
@@ -190,7 +190,11 @@ async def chat_completions(
 
 
 async def _live(
-    backend: OpenAIBackend, owner: str, engine: Worker, adapter_id: str | None, specs: list[GenerationSpec]
+    backend: OpenAIBackend,
+    owner: str,
+    engine: ServedModel,
+    adapter_id: str | None,
+    specs: list[GenerationSpec],
 ) -> LiveGeneration:
     """Wait for sampling room, then submit (bad input is a 4xx, not a stream); the tokens are held until every
     request of the stream stops generating, however the stream ends."""
@@ -223,7 +227,7 @@ def _live_recorder(
     return record
 
 
-def chat_choice(engine: Worker, i: int, c: Choice, call: tuple[str | None, list[Any]], logprobs: bool):
+def chat_choice(engine: ServedModel, i: int, c: Choice, call: tuple[str | None, list[Any]], logprobs: bool):
     content, found = call
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if found:
@@ -264,7 +268,7 @@ async def completions(
     owner = backend.authenticate(request.headers.get("authorization"))
     raw = await _json_body(request)
     req = parse_request(CompletionRequest, raw)
-    engine, adapter_id, target = _resolve_any(backend, deployments, req.model, owner)
+    engine, adapter_id, target = await _resolve_any(backend, deployments, req.model, owner)
     vocab = engine.info.vocab_size
     prompts = _completion_prompts(req.prompt, engine.tokenizer)
     for ids in prompts:
@@ -366,7 +370,7 @@ def make_router(backend: OpenAIBackend, deployments: DeploymentGateway | None = 
     async def retrieve_model(model: str, request: Request) -> Response:
         async def handler() -> Response:
             owner = backend.authenticate(request.headers.get("authorization"))
-            _, _, target = _resolve_any(backend, deployments, model, owner)
+            _, _, target = await _resolve_any(backend, deployments, model, owner)
             return JSONResponse(_model_card(model, "deployment" if target is not None else "treadle"))
 
         return await _guarded(handler)

@@ -29,7 +29,9 @@ T = TypeVar("T")
 class DeploymentGateway(Protocol):
     """What the OpenAI routes need from the deployment service (`treadle.service.deployments.Deployments`)."""
 
-    def lookup(self, model: str, owner: str) -> DeploymentTarget | None: ...
+    async def lookup(self, model: str, owner: str) -> DeploymentTarget | None:
+        """The version serving `model` for `owner` (its adapter loaded), or None if it names no deployment."""
+        ...
 
     def names(self, owner: str) -> list[str]: ...
 
