@@ -81,6 +81,7 @@ class Engine:
         self.compute = compute if compute is not None else ComputeThread()
         try:
             self.loaded = self.compute.call(load_model, model, dtype=dtype, device=device)
+            self.compute.call(self._prepare_model, self.loaded)
         except BaseException:
             if self._owns_compute:
                 self.compute.close()
@@ -111,6 +112,10 @@ class Engine:
             compute=self.compute,
             weights_key=self._weights_key if prefix_retention else None,
         )
+
+    def _prepare_model(self, loaded: LoadedModel) -> None:
+        """On the compute thread once the model is loaded, before the adapters and the sampler exist: a
+        subclass's hook (`ShardedEngine` shards the decoder blocks here). Nothing to do for one device."""
 
     def _weights_key(self, adapter_id: str | None) -> tuple[object, int]:
         """The sampler's key for retained KV: the base model's weights never change; an adapter's do."""

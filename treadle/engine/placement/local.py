@@ -15,8 +15,10 @@ def make_engine(spec: EngineSpec, compute: ComputeThread | None = None) -> Engin
     """The engine of `spec`; `compute`: a compute thread shared with the other engines of this process."""
     from treadle.engine.engine import Engine
 
-    if spec.shards > 1:
-        raise NotImplementedError("shards > 1: see treadle.engine.sharding")  # wired by the FSDP2 placement
+    if spec.shards > 1:  # this process becomes rank 0 and starts the other ranks (treadle/engine/sharded.py)
+        from treadle.engine.sharded import ShardedEngine
+
+        return ShardedEngine(spec, compute)
     return Engine(
         spec.model,
         dtype=spec.dtype,
