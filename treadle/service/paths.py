@@ -1,4 +1,6 @@
-"""Identifiers the SDK assumes (protocol §3): model ids, sampler ids and `tinker://` checkpoint paths."""
+"""Identifiers the SDK assumes (protocol §3): model ids, sampler ids, `tinker://` checkpoint paths and the
+`<kind>/<name>` checkpoint ids of the REST routes. The naming rules live here (and, for what becomes a path on
+disk, in the store below): the API asks this module, never the store."""
 
 from __future__ import annotations
 
@@ -44,3 +46,26 @@ def parse_path(path: str, field: str = "path") -> CheckpointRef:
             field=field,
         )
     return CheckpointRef(parts[0], parts[1], check_name(parts[2], field))
+
+
+def checkpoint_ref(run_id: str, kind: str, name: str, field: str = "checkpoint_id") -> CheckpointRef:
+    """The checkpoint a REST path's `run_id`, `kind` and `name` name, checked; a 400 naming `field` otherwise."""
+    if kind not in KINDS:
+        raise UserError(f"{field}: kind must be one of {', '.join(KINDS)}, got {kind!r}", field=field)
+    return CheckpointRef(run_id, kind, check_name(name, field))
+
+
+def checkpoint_id_parts(
+    rest: str, actions: tuple[str, ...] = (), field: str = "checkpoint_id"
+) -> tuple[str, str, str | None]:
+    """`<kind>/<name>` or `<kind>/<name>/<action>` (action one of `actions`) → (kind, name, action or None),
+    checked; otherwise a 400 naming `field` and the expected form (or the bad name, if only that is wrong)."""
+    parts = rest.split("/")
+    if len(parts) in (2, 3) and parts[0] in KINDS and (len(parts) == 2 or parts[2] in actions):
+        return parts[0], check_name(parts[1], field), parts[2] if len(parts) == 3 else None
+    then = f" (optionally followed by /{', /'.join(actions)})" if actions else ""
+    raise UserError(
+        f"{field}: must be <kind>/<name> with kind one of {', '.join(KINDS)} and a name of letters, "
+        f"digits, '.', '_', ':' or '-'{then}, got {rest[:200]!r}",
+        field=field,
+    )

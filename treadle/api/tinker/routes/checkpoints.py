@@ -12,19 +12,14 @@ from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
 from treadle.api.tinker.routes.wire import PREFIX, fields, owner
-from treadle.errors import UserError
+from treadle.service import paths
 from treadle.service.paths import CheckpointRef
 from treadle.service.tinker_service import TinkerService
-from treadle.store import KINDS, check_name
 
 
 def ref(run_id: str, kind: str, name: str) -> CheckpointRef:
-    """The checkpoint a `/training_runs/{run_id}/checkpoints/{kind}/{name}` path names, checked."""
-    if kind not in KINDS:
-        raise UserError(
-            f"checkpoint_id: kind must be one of {', '.join(KINDS)}, got {kind!r}", field="checkpoint_id"
-        )
-    return CheckpointRef(run_id, kind, check_name(name, "checkpoint_id"))
+    """The checkpoint a `/training_runs/{run_id}/checkpoints/{kind}/{name}` path names, checked by the service."""
+    return paths.checkpoint_ref(run_id, kind, name, "checkpoint_id")
 
 
 _ACTIONS = ("publish", "ttl", "external_weights_urls")
@@ -33,15 +28,8 @@ _ACTIONS = ("publish", "ttl", "external_weights_urls")
 def malformed_checkpoint(method: str, rest: str) -> None:
     """Why `/training_runs/{run_id}/checkpoints/{rest}` matched no route: a malformed checkpoint id (400 naming
     the expected form, e.g. a bare `ckpt0` without its kind) or a method the route does not take (405)."""
-    parts = rest.split("/")
-    if len(parts) in (2, 3) and parts[0] in KINDS and (len(parts) == 2 or parts[2] in _ACTIONS):
-        check_name(parts[1], "checkpoint_id")
-        raise HTTPException(405, f"method: {method} is not allowed on this checkpoint route")
-    raise UserError(
-        f"checkpoint_id: must be <kind>/<name> with kind one of {', '.join(KINDS)} and a name of letters, "
-        f"digits, '.', '_', ':' or '-' (optionally followed by /{', /'.join(_ACTIONS)}), got {rest[:200]!r}",
-        field="checkpoint_id",
-    )
+    paths.checkpoint_id_parts(rest, _ACTIONS, "checkpoint_id")  # the 400, if the id is malformed
+    raise HTTPException(405, f"method: {method} is not allowed on this checkpoint route")
 
 
 def add_routes(r: APIRouter, service: TinkerService) -> None:
