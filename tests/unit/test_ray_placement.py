@@ -180,6 +180,13 @@ def test_concurrent_samples_batch_and_cancel_stops_generation(replicas: list[Ray
     assert counts == after  # no token arrives after the cancel took effect
     assert all(c < 2000 for c in after)
     assert all(f.cancelled() for f in futures)
+    # cancelled at once: the cancel may reach the threaded actor before the sample does; either way it stops
+    quick = [r.sample(_long()) for _ in range(4)]
+    for f in quick:
+        assert f.cancel()
+    _wait(lambda: r.health()["active_rows"] == 0, timeout=10, what="the cancelled samples to stop")
+    time.sleep(0.5)  # none of them starts late (2000 tokens would keep it busy for seconds)
+    assert r.health()["active_rows"] == 0
 
 
 def test_adapter_travels_to_another_replica(replicas: list[RayEngine]) -> None:

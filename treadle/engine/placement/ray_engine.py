@@ -130,9 +130,9 @@ class _EngineActor:
         self._cond = threading.Condition()
         self._events: list[tuple[Any, ...]] = []
         self._samples: dict[int, concurrent.futures.Future[SampleResult]] = {}
-        self._cancelled: set[int] = (
-            set()
-        )  # cancels that overtook their sample (threaded actor: no call order)
+        # cancels that overtook their sample (a threaded actor keeps no call order), or came after it ended:
+        # sid -> when; the late ones are forgotten after a minute
+        self._cancelled: dict[int, float] = {}
         self._failed: ErrorFields | None = None
         self._headroom_mb = spec.memory_headroom_mb
         self.engine: Any = None
@@ -184,8 +184,7 @@ class _EngineActor:
             self._emit(("err", sid, pack_error(e)))
             return
         with self._cond:
-            early = sid in self._cancelled
-            self._cancelled.discard(sid)
+            early = self._cancelled.pop(sid, None) is not None
             if not early:
                 self._samples[sid] = fut
         if early:
@@ -205,7 +204,9 @@ class _EngineActor:
         with self._cond:
             fut = self._samples.pop(sid, None)
             if fut is None:
-                self._cancelled.add(sid)
+                now = time.monotonic()
+                self._cancelled = {k: t for k, t in self._cancelled.items() if now - t < 60.0}
+                self._cancelled[sid] = now
         if fut is not None:
             self.engine.sampler.cancel(fut)
 
