@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import threading
 import time
@@ -55,6 +56,7 @@ def ray_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
     finally:
         ray_engine.shutdown()
+        shutil.rmtree(root, ignore_errors=True)  # the runtime's logs and sockets
 
 
 @pytest.fixture(scope="module")
