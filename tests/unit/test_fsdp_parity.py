@@ -1,137 +1,231 @@
-"""FSDP2 across 2 ranks (gloo, CPU) gives the single-process results: a fused multi-tenant forward_backward's
-per-datum logprobs and losses, and every adapter's LoRA gradients (issue 12 §3). The sharded side runs as
-two real processes in a real gloo group; the reference runs here."""
+"""FSDP2 across 2 ranks (gloo, CPU) through the sharded engine's public methods equals a plain `Engine`
+(issue 12 §3): a fused multi-tenant forward_backward's logprobs, losses and metrics, the adapters after AdamW
+steps (so their gradients), greedy samples, and a checkpoint saved by the sharded engine loaded into a plain
+one. Deterministic mode: logprobs and losses bitwise equal to the plain engine's, everything bitwise repeatable
+at a fixed world size. Faults: a dead follower fails the next op with a server error; closing the engine, or
+killing rank 0, leaves no follower process.
+
+Each test starts real follower processes (`make_engine(EngineSpec(..., shards=2))`), one thread per rank."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from treadle.engine import trainer
-from treadle.engine.types import Datum, ForwardBackwardRequest, LoraConfig
-from treadle.lora.bank import AdapterBank
-from treadle.models.loader import load_model
+from treadle.engine.engine import Engine
+from treadle.engine.placement.api import EngineSpec, WorkerLostError
+from treadle.engine.placement.local import make_engine
+from treadle.engine.sharded import ShardedEngine
+from treadle.engine.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardRequest,
+    ForwardBackwardResult,
+    LoraConfig,
+    SampleRequest,
+    SamplingParams,
+)
+from treadle.errors import TreadleError
 
-ADAPTERS = {"a": 4, "b": 8, "c": 4}  # id -> rank: tenants of different ranks in one fused batch
-WORLD = 2
+pytestmark = pytest.mark.slow
 
-
-def _setup(model_dir: str) -> tuple[object, AdapterBank, list[ForwardBackwardRequest]]:
-    loaded = load_model(model_dir)
-    model = loaded.model
-    bank = AdapterBank(model)
-    g = torch.Generator().manual_seed(7)
-    for i, (aid, rank) in enumerate(ADAPTERS.items()):
-        bank.create(aid, LoraConfig(rank=rank, seed=i))
-        with torch.no_grad():  # B starts at zero; make every A and B carry a gradient
-            for p in bank.trainable_parameters(aid):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    vocab = model.config.vocab_size
-    requests = []
-    for aid in ADAPTERS:
-        data = []
-        for n in (5, 9, 3, 12, 7):
-            toks = torch.randint(0, vocab, (n + 1,), generator=g)
-            data.append(
-                Datum(
-                    toks[:-1].clone(),
-                    {"target_tokens": toks[1:].clone(), "weights": torch.rand(n, generator=g)},
-                )
-            )
-        requests.append(ForwardBackwardRequest(aid, data, "cross_entropy"))
-    return model, bank, requests
+# tenants of different ranks and targets in one fused batch; "c" trains only the unembedding, so its backward
+# reaches no decoder block (the pad rows keep the ranks' backward passes in step anyway)
+ADAPTERS = {
+    "a": LoraConfig(rank=4, seed=0),
+    "b": LoraConfig(rank=8, seed=1),
+    "c": LoraConfig(rank=4, seed=2, train_attn=False, train_mlp=False),
+}
+LENGTHS = (400, 330, 60, 9)  # > 2048 padded tokens: two 2-rank micro-batches, tenants dealt unevenly (pads)
+ADAM = AdamParams(learning_rate=1e-2)
 
 
-def _run(model: object, bank: AdapterBank, requests: list[ForwardBackwardRequest]) -> list:
-    cfg = model.config  # type: ignore[attr-defined]
-    return trainer.forward_backward(
-        model,  # type: ignore[arg-type]
-        bank,
-        requests,
-        vocab_size=cfg.vocab_size,
-        max_len=cfg.max_position_embeddings,
-    )
+def _spec(model_dir: Path, *, shards: int, deterministic: bool = False) -> EngineSpec:
+    return EngineSpec(str(model_dir), shards=shards, deterministic=deterministic, kv_cache_mb=64)
 
 
-_RANK = """
-import json, os, sys, torch
-import torch.distributed as dist
-sys.path.insert(0, os.environ["TEST_DIR"])
-from test_fsdp_parity import ADAPTERS, _run, _setup
-from treadle.engine.sharding import deal_rows, device_mesh, reduce_adapter_grads, shard_blocks
+def _requests(
+    vocab: int, seed: int, names: tuple[str, ...] = tuple(ADAPTERS)
+) -> list[ForwardBackwardRequest]:
+    """One request per tenant, a forward-only one, and an invalid one (last; it fails alone, on every rank)."""
+    g = torch.Generator().manual_seed(seed)
 
-torch.set_num_threads(1)
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-model, bank, requests = _setup(sys.argv[1])
-shard_blocks(model, device_mesh(world))
-full = model.model.layers[0].self_attn.q_proj.weight
-assert full.to_local().numel() < full.numel(), "blocks are not sharded"
-mine = [
-    type(r)(r.adapter_id, [r.data[i] for i in deal_rows(len(r.data), rank, world)], r.loss_fn) for r in requests
-]
-results = _run(model, bank, mine)
-reduce_adapter_grads(bank, list(ADAPTERS))
-out = {"rows": {}, "grads": {}}
-for r, req, res in zip(requests, mine, results):
-    for i, lf in zip(deal_rows(len(r.data), rank, world), res.loss_fn_outputs):
-        out["rows"][f"{r.adapter_id}/{i}"] = {k: v.tolist() for k, v in lf.items()}
-for aid in ADAPTERS:
-    out["grads"][aid] = [p.grad.tolist() for p in bank.trainable_parameters(aid)]
-json.dump(out, open(sys.argv[2] + f"/rank{rank}.json", "w"))
-dist.destroy_process_group()
+    def datum(n: int) -> Datum:
+        toks = torch.randint(0, vocab, (n + 1,), generator=g)
+        return Datum(
+            toks[:-1].clone(), {"target_tokens": toks[1:].clone(), "weights": torch.rand(n, generator=g)}
+        )
+
+    reqs = [ForwardBackwardRequest(aid, [datum(n) for n in LENGTHS], "cross_entropy") for aid in names]
+    reqs.append(ForwardBackwardRequest(names[0], [datum(30), datum(5)], "cross_entropy", forward_only=True))
+    bad = datum(4)
+    bad.tokens[0] = vocab
+    reqs.append(ForwardBackwardRequest(names[1], [bad], "cross_entropy"))
+    return reqs
+
+
+def _train(engine: Engine, ids: dict[str, LoraConfig], steps: int = 2) -> list[list[ForwardBackwardResult]]:
+    """`steps` × (one fused forward_backward of every tenant, then an AdamW step each)."""
+    for aid, cfg in ids.items():
+        engine.create_adapter(aid, cfg)
+    out = []
+    for step in range(steps):
+        reqs = _requests(engine.info.vocab_size, step, tuple(ids))
+        results = engine.forward_backward(reqs)
+        assert isinstance(results[-1], TreadleError) and "data[0].model_input" in str(results[-1])
+        assert all(isinstance(r, ForwardBackwardResult) for r in results[:-1])
+        out.append([r for r in results[:-1] if isinstance(r, ForwardBackwardResult)])
+        for aid in ids:
+            engine.optim_step(aid, ADAM)
+    return out
+
+
+def _weights(engine: Engine, aid: str) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in engine.bank.trainable_parameters(aid)]
+
+
+def _greedy(engine: Engine, aid: str | None) -> list[int]:
+    req = SampleRequest(aid, [1, 17, 300, 4242, 9], SamplingParams(max_tokens=12, temperature=0.0))
+    return list(engine.sample(req).result(timeout=120).sequences[0].tokens)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture
+def engines(tiny_model_dir: Path) -> Iterator[tuple[ShardedEngine, Engine]]:
+    sharded = make_engine(_spec(tiny_model_dir, shards=2))
+    plain = make_engine(_spec(tiny_model_dir, shards=1))
+    assert isinstance(sharded, ShardedEngine)
+    yield sharded, plain
+    plain.close()
+    sharded.close()
+
+
+def _assert_results_close(
+    got: list[ForwardBackwardResult], ref: list[ForwardBackwardResult], atol: float
+) -> None:
+    for g, r in zip(got, ref, strict=True):
+        for gd, rd in zip(g.loss_fn_outputs, r.loss_fn_outputs, strict=True):
+            assert gd.keys() == rd.keys()
+            for k in rd:
+                torch.testing.assert_close(gd[k], rd[k], rtol=0, atol=atol)
+        assert g.metrics.keys() == r.metrics.keys()
+        for k in r.metrics:
+            assert g.metrics[k] == pytest.approx(r.metrics[k], rel=1e-5)
+
+
+def test_sharded_engine_equals_plain_engine(engines: tuple[ShardedEngine, Engine], tmp_path: Path) -> None:
+    sharded, plain = engines
+    blocks = sharded.model.model.layers[0].self_attn.q_proj.weight
+    assert blocks.to_local().numel() < blocks.numel(), "the blocks are not sharded"  # type: ignore[attr-defined]
+
+    got, ref = _train(sharded, ADAPTERS), _train(plain, ADAPTERS)
+    for g, r in zip(got, ref, strict=True):
+        _assert_results_close(g, r, atol=1e-4)
+    for aid in ADAPTERS:  # after 2 AdamW steps: the gradients agreed
+        for g, r in zip(_weights(sharded, aid), _weights(plain, aid), strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+    for aid in (None, "a", "b"):
+        assert _greedy(sharded, aid) == _greedy(plain, aid)
+
+    sharded.save_adapter("b", tmp_path / "b", optimizer=True)
+    plain.load_adapter("b_from_shards", tmp_path / "b", optimizer=True)
+    for g, r in zip(_weights(plain, "b_from_shards"), _weights(sharded, "b"), strict=True):
+        assert torch.equal(g, r)
+    # a checkpoint loads on every rank (with its optimizer state) and trains on like the plain engine's copy
+    sharded.load_adapter("b_again", tmp_path / "b", optimizer=True)
+    sharded.snapshot_adapter("b_again", "b_snap")
+    sharded.remove_adapter("b_snap")
+    data = _requests(sharded.info.vocab_size, seed=5)[0].data
+    got_b = sharded.forward_backward([ForwardBackwardRequest("b_again", data, "cross_entropy")])
+    ref_b = plain.forward_backward([ForwardBackwardRequest("b_from_shards", data, "cross_entropy")])
+    _assert_results_close(got_b, ref_b, atol=1e-4)  # type: ignore[arg-type]
+    sharded.optim_step("b_again", ADAM)
+    plain.optim_step("b_from_shards", ADAM)
+    for g, r in zip(_weights(sharded, "b_again"), _weights(plain, "b_from_shards"), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert sharded.health()["shards"] == 2
+
+    pids = sharded.follower_pids
+    os.kill(pids[0], signal.SIGKILL)  # a dead follower: the next op fails with a server error
+    deadline = time.monotonic() + 10
+    while not _gone(pids[0]) and sharded._followers[0].proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(WorkerLostError, match="rank 1"):
+        sharded.forward_backward(_requests(sharded.info.vocab_size, seed=0)[:1])
+    with pytest.raises(WorkerLostError):
+        sharded.health()
+    sharded.close()
+    assert all(_gone(pid) for pid in pids)
+
+
+_RANK0 = """
+import sys, time
+from treadle.engine.placement.api import EngineSpec
+from treadle.engine.placement.local import make_engine
+e = make_engine(EngineSpec(sys.argv[1], shards=2, kv_cache_mb=64))
+print(*e.follower_pids, flush=True)
+time.sleep(600)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_followers_exit_when_rank0_is_killed(tiny_model_dir: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rank0 = subprocess.Popen(
+        [sys.executable, "-c", _RANK0, str(tiny_model_dir)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert rank0.stdout is not None
+        pids = [int(p) for p in rank0.stdout.readline().split()]
+        assert pids and not any(_gone(pid) for pid in pids)
+    finally:
+        rank0.kill()
+        rank0.wait()
+    deadline = time.monotonic() + 15
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(pid) for pid in pids)
 
 
-def _sharded(model_dir: Path, out: Path) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            TEST_DIR=str(Path(__file__).parent),
-            OMP_NUM_THREADS="1",
-        )
-        procs.append(subprocess.Popen([sys.executable, "-c", _RANK, str(model_dir), str(out)], env=env))
-    for p in procs:
-        assert p.wait(timeout=240) == 0
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
-@pytest.mark.slow
-def test_two_ranks_equal_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    ranks = _sharded(tiny_model_dir, tmp_path)
-    model, bank, requests = _setup(str(tiny_model_dir))
-    results = _run(model, bank, requests)
-
-    sharded_rows = ranks[0]["rows"] | ranks[1]["rows"]
-    for req, res in zip(requests, results, strict=True):
-        for i, lf in enumerate(res.loss_fn_outputs):
-            got = sharded_rows[f"{req.adapter_id}/{i}"]
-            for key, ref in lf.items():
-                torch.testing.assert_close(torch.tensor(got[key]), ref, rtol=0, atol=1e-5)
-    for aid in ADAPTERS:
-        ref_grads = [p.grad for p in bank.trainable_parameters(aid)]
-        assert ref_grads and all(g is not None for g in ref_grads)
-        for rank_out in ranks:  # every rank ends with the same, full gradient
-            for got, ref in zip(rank_out["grads"][aid], ref_grads, strict=True):
-                torch.testing.assert_close(torch.tensor(got), ref, rtol=1e-5, atol=1e-6)
-    # the fixed-order reduction leaves the ranks bitwise identical
-    assert ranks[0]["grads"] == ranks[1]["grads"]
+def test_deterministic_mode(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Bitwise: logprobs and losses equal the plain engine's; training is repeatable at a fixed world size
+    (two identical tenants in one engine end bitwise equal). Gradients are compared within fp tolerance only:
+    the rank partial sums change their reduction tree (sharded.py)."""
+    sharded = make_engine(_spec(tiny_model_dir, shards=2, deterministic=True))
+    plain = make_engine(_spec(tiny_model_dir, shards=1, deterministic=True))
+    try:
+        got, ref = _train(sharded, ADAPTERS, steps=1), _train(plain, ADAPTERS, steps=1)
+        for g, r in zip(got[0], ref[0], strict=True):
+            for gd, rd in zip(g.loss_fn_outputs, r.loss_fn_outputs, strict=True):
+                for k in rd:
+                    assert torch.equal(gd[k], rd[k]), k
+        again = _train(sharded, {aid + "2": cfg for aid, cfg in ADAPTERS.items()}, steps=1)
+        for g, r in zip(again[0], got[0], strict=True):
+            assert g.metrics == r.metrics
+            for gd, rd in zip(g.loss_fn_outputs, r.loss_fn_outputs, strict=True):
+                assert all(torch.equal(gd[k], rd[k]) for k in rd)
+        for aid in ADAPTERS:
+            for g, r in zip(_weights(sharded, aid + "2"), _weights(sharded, aid), strict=True):
+                assert torch.equal(g, r)
+            for g, r in zip(_weights(sharded, aid), _weights(plain, aid), strict=True):
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    finally:
+        plain.close()
+        pids = sharded.follower_pids
+        sharded.close()
+    assert pids and all(_gone(pid) for pid in pids)  # a clean close leaves no follower either
