@@ -228,10 +228,10 @@ async def _sweeper(service: Any, interval_s: float, deployments: Any = None) -> 
     while True:
         await asyncio.sleep(interval_s)
         try:
-            expired = service.expire_sessions()
+            expired = service.sessions.expire_sessions()
             if expired:
                 log.info("expired %d silent session(s)", len(expired))
-            service.sweep_expired_checkpoints()
+            service.checkpoints.sweep_expired_checkpoints()
             if deployments is not None:
                 pruned = await asyncio.to_thread(deployments.traces.prune)
                 if pruned:

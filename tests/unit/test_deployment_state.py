@@ -39,7 +39,7 @@ def _deployments(service: TinkerService) -> Deployments:
 
 
 async def _result(svc: TinkerService, rid: str) -> Any:
-    out = await svc.retrieve("local", rid, timeout_s=60)
+    out = await svc.requests.retrieve("local", rid, timeout_s=60)
     assert out is not None and out.error is None, out
     return out.json
 
@@ -50,12 +50,12 @@ def checkpoints(service: TinkerService) -> list[str]:
     base = service.pool.names()[0]
 
     async def main() -> list[str]:
-        sid = service.create_session("local", [], {})
-        rid, mid = service.create_model("local", sid, 0, base, LoraConfig(rank=4), {})
+        sid = service.sessions.create_session("local", [], {})
+        rid, mid = service.training.create_model("local", sid, 0, base, LoraConfig(rank=4), {})
         await _result(service, rid)
         paths = []
         for seq, name in ((1, "a"), (2, "b")):
-            rid = service.save_weights(
+            rid = service.weights.save_weights(
                 "local",
                 mid,
                 seq,

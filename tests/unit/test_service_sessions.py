@@ -30,7 +30,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinkerService]
 
 
 async def _result(svc: TinkerService, rid: str) -> Any:
-    out = await svc.retrieve("local", rid, timeout_s=60)
+    out = await svc.requests.retrieve("local", rid, timeout_s=60)
     assert out is not None and out.error is None, out
     return out.json if out.json is not None else out.proto
 
@@ -45,17 +45,17 @@ def test_expiry_releases_adapters_but_keeps_checkpoints(service: TinkerService) 
     engine = service.pool.get(base)
 
     async def main() -> None:
-        sid = service.create_session("local", [], {})
-        rid, mid = service.create_model("local", sid, 0, base, LoraConfig(rank=4), {})
+        sid = service.sessions.create_session("local", [], {})
+        rid, mid = service.training.create_model("local", sid, 0, base, LoraConfig(rank=4), {})
         await _result(service, rid)
-        await _result(service, service.forward_backward("local", mid, 1, _fb()))
+        await _result(service, service.training.forward_backward("local", mid, 1, _fb()))
         # A retried submission (same model, same seq_id) is the same future and does not run twice.
-        first = service.optim_step("local", mid, 2, AdamParams())
-        assert service.optim_step("local", mid, 2, AdamParams()) == first
+        first = service.training.optim_step("local", mid, 2, AdamParams())
+        assert service.training.optim_step("local", mid, 2, AdamParams()) == first
         await _result(service, first)
         saved = await _result(
             service,
-            service.save_weights(
+            service.weights.save_weights(
                 "local", mid, 3, "keep", kind="weights", ttl_seconds=None, overwrite=False, user_metadata={}
             ),
         )
@@ -63,21 +63,24 @@ def test_expiry_releases_adapters_but_keeps_checkpoints(service: TinkerService) 
 
         service.cfg.session_timeout_s = 0.0
         try:
-            assert sid in service.expire_sessions()
+            assert sid in service.sessions.expire_sessions()
         finally:
             service.cfg.session_timeout_s = 600.0
         await service.pool.get(base).run(lambda: None)  # the release runs on the worker: wait for it
         assert not engine.has_adapter(mid)
         with pytest.raises(GoneError):
-            service.heartbeat("local", sid)
+            service.sessions.heartbeat("local", sid)
         with pytest.raises(NotFoundError, match="create_training_client_from_state"):
-            service.optim_step("local", mid, 4, AdamParams())
+            service.training.optim_step("local", mid, 4, AdamParams())
 
-        sid2 = service.create_session("local", [], {})
-        rid, mid2 = service.load_weights_new("local", sid2, 0, saved["path"], True, None)
+        sid2 = service.sessions.create_session("local", [], {})
+        rid, mid2 = service.weights.load_weights_new("local", sid2, 0, saved["path"], True, None)
         await _result(service, rid)
         assert engine.has_adapter(mid2)
-        assert service.list_checkpoints("local", mid)["checkpoints"][0]["tinker_path"] == saved["path"]
+        assert (
+            service.checkpoints.list_checkpoints("local", mid)["checkpoints"][0]["tinker_path"]
+            == saved["path"]
+        )
 
     asyncio.run(main())
 
@@ -86,12 +89,12 @@ def test_expired_ttl_deletes_checkpoint(service: TinkerService) -> None:
     base = service.pool.names()[0]
 
     async def main() -> None:
-        sid = service.create_session("local", [], {})
-        rid, mid = service.create_model("local", sid, 0, base, LoraConfig(rank=4), {})
+        sid = service.sessions.create_session("local", [], {})
+        rid, mid = service.training.create_model("local", sid, 0, base, LoraConfig(rank=4), {})
         await _result(service, rid)
         await _result(
             service,
-            service.save_weights(
+            service.weights.save_weights(
                 "local", mid, 1, "short", kind="weights", ttl_seconds=3600, overwrite=False, user_metadata={}
             ),
         )
@@ -101,9 +104,9 @@ def test_expired_ttl_deletes_checkpoint(service: TinkerService) -> None:
             ref.run_id, ref.kind, ref.name, expires_at=utcnow() - dt.timedelta(seconds=1)
         )
         with pytest.raises(NotFoundError):  # expired is invisible even before the sweep
-            service.get_checkpoint("local", ref)
-        assert service.sweep_expired_checkpoints() == 1
+            service.checkpoints.get_checkpoint("local", ref)
+        assert service.checkpoints.sweep_expired_checkpoints() == 1
         assert not service.blobs.exists(ref.run_id, ref.kind, ref.name)
-        assert service.list_checkpoints("local", mid)["checkpoints"] == []
+        assert service.checkpoints.list_checkpoints("local", mid)["checkpoints"] == []
 
     asyncio.run(main())

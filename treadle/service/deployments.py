@@ -82,7 +82,7 @@ class Deployments:
             return model_path
         try:
             ref = paths.parse_path(model_path, "model_path")
-            svc.check_loadable(owner, ref, optimizer=False)
+            svc.weights.check_loadable(owner, ref, optimizer=False)
         except TreadleError as e:
             msg = e.message.removeprefix("path: ").removeprefix("model_path: ")
             raise type(e)(f"model_path: {msg}", field="model_path") from None

@@ -51,7 +51,7 @@ class ServiceOpenAIBackend:
             return svc.pool.any_replica(model), None
         try:
             ref = paths.parse_path(model, "model")
-            svc.check_loadable(owner, ref, optimizer=False)
+            svc.weights.check_loadable(owner, ref, optimizer=False)
             run = svc.store.get_run(ref.run_id)
             if run is None:
                 raise NotFoundError(f"model: no checkpoint {model!r}", field="model")
@@ -60,4 +60,4 @@ class ServiceOpenAIBackend:
             raise
         except TreadleError as e:
             raise NotFoundError(f"model: {e.message}", field="model") from e
-        return worker, await svc.checkpoint_adapter(worker, ref)
+        return worker, await svc.sampling.checkpoint_adapter(worker, ref)

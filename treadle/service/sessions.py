@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from treadle.service.paging import check_page
@@ -13,10 +14,14 @@ from treadle.store import SessionRow, utcnow
 
 
 class Sessions:
-    def __init__(self, state: ServiceState) -> None:
+    def __init__(self, state: ServiceState, on_end: Callable[[str, str], object] | None = None) -> None:
+        """`on_end(session_id, why)` runs when a session finishes or expires (its queued samples are dropped)."""
         self.s = state
+        self._on_end = on_end
 
     def create_session(self, owner: str, tags: list[str], user_metadata: dict[str, Any]) -> str:
+        cap = self.s.admission.limits.max_sessions_per_owner
+        self.s.admission.admit_session(len(self.list_sessions(owner, "active", cap, 0)))
         sid = str(uuid.uuid4())
         now = utcnow()
         self.s.store.add_session(SessionRow(sid, owner, "active", now, now, user_metadata, tags))
@@ -31,6 +36,8 @@ class Sessions:
         if row.status == "active":
             self.s.store.set_session_status(session_id, "finished")
             self._release_session(session_id, "session finished")
+        if self._on_end is not None:
+            self._on_end(session_id, "the session finished")
 
     def list_sessions(self, owner: str, status: str | None, limit: int, offset: int) -> list[str]:
         check_page(limit, offset)
@@ -51,6 +58,8 @@ class Sessions:
         for sid in stale:
             self.s.store.set_session_status(sid, "expired")
             self._release_session(sid, "session expired: no heartbeat")
+            if self._on_end is not None:
+                self._on_end(sid, "the session expired (no heartbeat)")
         return stale
 
     def _release_session(self, session_id: str, reason: str) -> None:
@@ -59,5 +68,7 @@ class Sessions:
             model = models.pop(mid)
             model.worker.close_stream(mid, reason)
             for snap in model.ephemeral:
-                self.s.samplers.pop(snap, None)
+                loaded = self.s.samplers.pop(snap, None)
+                for replica in loaded.replicas if loaded is not None else []:
+                    self.s.drop_adapters(replica, [snap])  # its copies on the other replicas (Ray)
             self.s.drop_adapters(model.worker, [mid, *model.ephemeral])

@@ -19,6 +19,7 @@ from treadle.errors import GoneError, NotFoundError, TreadleError, UserError, re
 from treadle.service.completions import CompletionLog
 from treadle.service.export import UrlSigner
 from treadle.service.futures import FutureHub, Outcome
+from treadle.service.limits import Admission, Limits
 from treadle.service.paths import CheckpointRef
 from treadle.store import BlobStore, CheckpointRow, MetadataStore, RunRow, SessionRow, utcnow
 
@@ -74,9 +75,15 @@ class LoadedSampler:
 
 class ServiceState:
     def __init__(
-        self, cfg: ServiceConfig, store: MetadataStore, pool: WorkerPool, codec: ResultCodec
+        self,
+        cfg: ServiceConfig,
+        store: MetadataStore,
+        pool: WorkerPool,
+        codec: ResultCodec,
+        admission: Admission | None = None,
     ) -> None:
         self.cfg = cfg
+        self.admission = admission or Admission(Limits())
         self.store = store
         self.pool = pool
         self.codec = codec
@@ -124,6 +131,10 @@ class ServiceState:
             except TreadleError as e:
                 self.hub.fail(rid, e)
         return rid
+
+    def admit_run(self, owner: str) -> None:
+        """Refuse (429) a new resident training run past the owner's limit (`--max-runs-per-owner`)."""
+        self.admission.admit_run(sum(1 for m in self.models.values() if m.owner == owner))
 
     def skip_seq(self, owner: str, model_id: object, seq_id: object) -> None:
         """Count a rejected op's seq_id: queue a no-op in its place so the ops after it still run.

@@ -10,6 +10,7 @@ from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig
 from treadle.engine.worker import Worker
 from treadle.errors import ConflictError, TreadleError, require
 from treadle.service import paths
+from treadle.service.custom_losses import CustomLosses
 from treadle.service.state import LoadedModel, LoadedSampler, ServiceState
 from treadle.store import SamplerRow
 
@@ -17,8 +18,9 @@ log = logging.getLogger(__name__)
 
 
 class Training:
-    def __init__(self, state: ServiceState) -> None:
+    def __init__(self, state: ServiceState, custom_losses: CustomLosses) -> None:
         self.s = state
+        self._custom_losses = custom_losses  # loss_fn "custom" names one of the session's uploaded losses
 
     def create_model(
         self,
@@ -30,6 +32,7 @@ class Training:
         user_metadata: dict[str, Any],
     ) -> tuple[str, str]:
         s = self.s
+        s.admit_run(owner)
         s.active_session(owner, session_id)
         worker = s.pool.place(base_model)
         lora.validate(worker.info.max_lora_rank)
@@ -67,8 +70,18 @@ class Training:
             "type": "get_info",
         }
 
-    def forward_backward(self, owner: str, model_id: str, seq_id: int, req: ForwardBackwardRequest) -> str:
+    def forward_backward(
+        self,
+        owner: str,
+        model_id: str,
+        seq_id: int,
+        req: ForwardBackwardRequest,
+        custom_config: dict[str, float | str] | None = None,
+    ) -> str:
+        """`custom_config`: loss_fn 'custom''s config (its loss_id), resolved here to the session's uploaded loss."""
         s = self.s
+        if req.loss_fn == "custom":
+            req.custom_loss = self._custom_losses.resolve(owner, model_id, custom_config or {})
         model = s.model(owner, model_id)
         require(isinstance(seq_id, int) and seq_id >= 1, "seq_id", f"must be an integer ≥ 1, got {seq_id!r}")
         req.adapter_id = model_id

@@ -107,6 +107,7 @@ class Weights:
     ) -> tuple[str, str]:
         """Create-via-load (protocol §5.6): a new model `{session}:train:{seq}` from a checkpoint."""
         s = self.s
+        s.admit_run(owner)
         s.active_session(owner, session_id)
         ref = paths.parse_path(path)
         s.check_loadable(owner, ref, optimizer)
@@ -132,6 +133,9 @@ class Weights:
             lambda r: worker.submit_call(mid, None, call, s.json_done(r)),
         )
         return rid, mid
+
+    def check_loadable(self, owner: str, ref: CheckpointRef, optimizer: bool) -> None:
+        self.s.check_loadable(owner, ref, optimizer)
 
     def load_weights_into(self, owner: str, model_id: str, seq_id: int, path: str, optimizer: bool) -> str:
         """Legacy `TrainingClient.load_state`: replace an existing model's weights, in seq_id order."""

@@ -16,7 +16,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/create_custom_loss")
     async def create_custom_loss(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        rid = service.create_custom_loss(
+        rid = service.custom_losses.create(
             who,
             f.get("session_id", str),
             f.get("custom_loss_seq_id", int),

@@ -19,11 +19,11 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     async def retrieve_future(request: Request) -> Response:
         who, f = owner(service, request), await fields(request)
         rid = f.get("request_id", str)
-        outcome = await service.retrieve(who, rid)
+        outcome = await service.requests.retrieve(who, rid)
         if outcome is None:
             # 408 makes the SDK re-poll at once (protocol §4.2); a sample queued for sampling tokens says so,
             # and why, in the fields the SDK hands its QueueStateObserver.
-            reason = service.queue_reason(who, rid)
+            reason = service.requests.queue_reason(who, rid)
             body: dict[str, Any] = {"detail": "pending", "request_id": rid, "queue_state": "active"}
             if reason is not None:
                 body.update(queue_state="paused_capacity", queue_state_reason=reason)
@@ -40,7 +40,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
         target = Fields(f.get("target", dict))
         if target.get("type", str, "sampling_session") != "sampling_session":
             raise UserError("target.type: only 'sampling_session' is supported", field="target.type")
-        done, cursor = await service.retrieve_futures(
+        done, cursor = await service.sampling.retrieve_futures(
             who,
             target.get("sampling_session_id", str),
             f.get("prev_cursor", int, 0),
@@ -52,4 +52,4 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     async def cancel_future(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
         # Protocol §4.3: the SDK ignores the answer; sampling requests stop generating, others complete.
-        return {"cancelled": service.cancel(who, f.get("request_id", str))}
+        return {"cancelled": service.requests.cancel(who, f.get("request_id", str))}

@@ -22,7 +22,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/create_sampling_session")
     async def create_sampling_session(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        sid = await service.create_sampling_session(
+        sid = await service.sampling.create_sampling_session(
             who,
             f.get("session_id", str),
             f.get("sampling_session_seq_id", int),
@@ -33,7 +33,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
 
     @r.get("/samplers/{sampler_id}")
     async def get_sampler(sampler_id: str, request: Request) -> dict[str, Any]:
-        return service.get_sampler(owner(service, request), sampler_id)
+        return service.sampling.get_sampler(owner(service, request), sampler_id)
 
     @r.post("/asample")
     async def asample(request: Request) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
         if req.topk_prompt_logprobs:
             req.prompt_logprobs = True
         sid = f.get("sampling_session_id", str)
-        rid, seq_ids = await service.sample(who, sid, f.get("seq_id", int, 0), req)
+        rid, seq_ids = await service.sampling.sample(who, sid, f.get("seq_id", int, 0), req)
         return future(rid, sample_sequence_ids=seq_ids)
 
 

@@ -36,18 +36,18 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/create_session")
     async def create_session(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        sid = service.create_session(who, f.get("tags", list, []), f.get("user_metadata", dict, {}))
+        sid = service.sessions.create_session(who, f.get("tags", list, []), f.get("user_metadata", dict, {}))
         return {"session_id": sid, "type": "create_session"}
 
     @r.post("/session_heartbeat")
     async def heartbeat(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        service.heartbeat(who, f.get("session_id", str))
+        service.sessions.heartbeat(who, f.get("session_id", str))
         return {"type": "session_heartbeat"}
 
     @r.post("/sessions/{session_id}/finish")
     async def finish(session_id: str, request: Request) -> dict[str, Any]:
-        await service.finish_session(owner(service, request), session_id)
+        await service.sessions.finish_session(owner(service, request), session_id)
         return {}
 
     @r.get("/sessions")
@@ -56,11 +56,11 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     ) -> dict[str, Any]:
         if status is not None and status not in ("active", "finished", "expired"):
             raise UserError("status: must be one of active, finished, expired", field="status")
-        return {"sessions": service.list_sessions(owner(service, request), status, limit, offset)}
+        return {"sessions": service.sessions.list_sessions(owner(service, request), status, limit, offset)}
 
     @r.get("/sessions/{session_id}")
     async def get_session(session_id: str, request: Request) -> dict[str, Any]:
-        return service.get_session(owner(service, request), session_id)
+        return service.sessions.get_session(owner(service, request), session_id)
 
     @r.post("/telemetry")
     async def telemetry() -> dict[str, Any]:
@@ -77,7 +77,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
 
     @r.get("/get_server_capabilities")
     async def capabilities() -> dict[str, Any]:
-        return {"supported_models": service.capabilities()}
+        return {"supported_models": service.checkpoints.capabilities()}
 
     @r.get("/auth/apikey/me")
     async def whoami(request: Request) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
                 f"optimizer_config.type: only 'adamw' is supported, got {opt.get('type')!r}",
                 field="optimizer_config.type",
             )
-        rid, mid = service.create_model(
+        rid, mid = service.training.create_model(
             who,
             f.get("session_id", str),
             f.get("model_seq_id", int),
@@ -47,7 +47,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/get_info")
     async def get_info(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        return service.get_info(who, f.get("model_id", str))
+        return service.training.get_info(who, f.get("model_id", str))
 
     @r.post("/forward_backward")
     async def forward_backward(request: Request) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
         with counted(service, who, msg.model_id, int(msg.seq_id)):
             mid, seq_id, req = codec.forward_backward_from_message(msg)
             custom = codec.custom_loss_config(msg) if req.loss_fn == "custom" else None
-            return future(service.forward_backward(who, mid, seq_id, req, custom), mid)
+            return future(service.training.forward_backward(who, mid, seq_id, req, custom), mid)
 
     @r.post("/optim_step")
     async def optim_step(request: Request) -> dict[str, Any]:
@@ -85,4 +85,4 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
                 grad_clip_norm=a.get("grad_clip_norm", float, d.grad_clip_norm),
             )
             mid = f.get("model_id", str)
-            return future(service.optim_step(who, mid, f.get("seq_id", int), params), mid)
+            return future(service.training.optim_step(who, mid, f.get("seq_id", int), params), mid)

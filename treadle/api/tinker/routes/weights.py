@@ -29,7 +29,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
             mid, seq_id = f.get("model_id", str), f.get("seq_id", int)
             name = f.get("path", str, None)
             if name is None:
-                rid = service.save_for_sampler_ephemeral(
+                rid = service.training.save_for_sampler_ephemeral(
                     who, mid, seq_id, f.get("sampling_session_seq_id", int)
                 )
             else:
@@ -46,7 +46,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
                 raise UserError(
                     "age_encryption_recipients: must be a list of strings", field="age_encryption_recipients"
                 )
-            rid = service.save_weights_external(
+            rid = service.weights.save_weights_external(
                 who,
                 mid,
                 f.get("seq_id", int),
@@ -63,9 +63,11 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
             with counted(service, who, f.raw.get("model_id"), f.raw.get("seq_id")):
                 path, optimizer = f.get("path", str), f.get("optimizer", bool, False)
                 mid = f.get("model_id", str)
-                return future(service.load_weights_into(who, mid, f.get("seq_id", int), path, optimizer), mid)
+                return future(
+                    service.weights.load_weights_into(who, mid, f.get("seq_id", int), path, optimizer), mid
+                )
         path, optimizer = f.get("path", str), f.get("optimizer", bool, False)
-        rid, mid = service.load_weights_new(
+        rid, mid = service.weights.load_weights_new(
             who,
             f.get("session_id", str),
             f.get("model_seq_id", int),
@@ -80,7 +82,7 @@ def _save(
     service: TinkerService, who: str, f: Fields, mid: str, seq_id: int, name: str, kind: str, overwrite: bool
 ) -> str:
     """A named checkpoint of `kind`, with the body's optional TTL and metadata."""
-    return service.save_weights(
+    return service.weights.save_weights(
         who,
         mid,
         seq_id,

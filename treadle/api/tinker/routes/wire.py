@@ -67,5 +67,5 @@ def counted(service: TinkerService, who: str, model_id: object, seq_id: object) 
     try:
         yield
     except TreadleError:
-        service.skip_seq(who, model_id, seq_id)
+        service.requests.skip_seq(who, model_id, seq_id)
         raise
