@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -130,8 +131,9 @@ def _assert_results_close(
 
 def test_sharded_engine_equals_plain_engine(engines: tuple[ShardedEngine, Engine], tmp_path: Path) -> None:
     sharded, plain = engines
-    blocks = sharded.model.model.layers[0].self_attn.q_proj.weight
-    assert blocks.to_local().numel() < blocks.numel(), "the blocks are not sharded"  # type: ignore[attr-defined]
+    block: Any = sharded.model.model.layers[0]
+    weight = block.self_attn.q_proj.weight
+    assert weight.to_local().numel() < weight.numel(), "the blocks are not sharded"
 
     got, ref = _train(sharded, ADAPTERS), _train(plain, ADAPTERS)
     for g, r in zip(got, ref, strict=True):
@@ -207,10 +209,12 @@ def test_deterministic_mode(tiny_model_dir: Path, tmp_path: Path) -> None:
     (two identical tenants in one engine end bitwise equal). Gradients are compared within fp tolerance only:
     the rank partial sums change their reduction tree (sharded.py)."""
     sharded = make_engine(_spec(tiny_model_dir, shards=2, deterministic=True))
+    assert isinstance(sharded, ShardedEngine)
     plain = make_engine(_spec(tiny_model_dir, shards=1, deterministic=True))
     try:
         got, ref = _train(sharded, ADAPTERS, steps=1), _train(plain, ADAPTERS, steps=1)
         for g, r in zip(got[0], ref[0], strict=True):
+            assert g.metrics == r.metrics
             for gd, rd in zip(g.loss_fn_outputs, r.loss_fn_outputs, strict=True):
                 for k in rd:
                     assert torch.equal(gd[k], rd[k]), k

@@ -15,7 +15,9 @@ chunking), so a result never depends on which rank finished first. Bitwise equal
 run is not possible in general: a LoRA weight gradient is a reduction over the batch's tokens, and splitting
 the tokens over ranks changes that reduction's tree (rank partial sums, then their sum) even when every
 kernel is batch-invariant. What is bitwise at a fixed world size is repeatability: the same inputs give the
-same bits on every run.
+same bits on every run. The forward is another matter: the all-gather re-assembles the exact weights, so in
+deterministic mode (batch-invariant kernels: a row's result does not depend on its batch-mates) every datum's
+logprobs and losses are bitwise those of the single-process run (tests/unit/test_fsdp_parity.py).
 
 Lockstep (`forward_backward_share`): every rank plans the micro-batches from the WHOLE fused batch (so all
 ranks agree on their number) and runs its round-robin share of each. FSDP all-gathers a block in every forward
