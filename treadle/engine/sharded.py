@@ -292,8 +292,11 @@ class ShardedEngine(Engine):
                     max_len=self.info.max_context_length,
                 )
             except BaseException as e:
-                # the followers may be waiting in a collective this rank will never issue
+                dead = [(f.rank, rc) for f in self._followers if (rc := f.proc.poll()) is not None]
+                # the live followers may be waiting in a collective this rank will never issue
                 self._stop_followers(ask=False)
+                if dead:  # a follower died under the collective that failed here
+                    raise self._lose(f"rank {dead[0][0]} exited (code {dead[0][1]}) during a step") from e
                 raise self._lose(f"rank 0 failed mid-step ({type(e).__name__}: {e})") from e
             finally:
                 self._local_pass = False
