@@ -35,13 +35,13 @@ from typing import Any, Literal
 import torch
 
 from treadle import ops
-from treadle.engine import prompt_extras
+from treadle.engine import prompt_extras, validate
 from treadle.engine.compute import ComputeThread
 from treadle.engine.kv_cache import SlotKVCache
 from treadle.engine.prompt_extras import PromptExtras
 from treadle.engine.sampling import StopCriteria, make_generator, sample_tokens, string_stop_hit
 from treadle.engine.types import SampledSequence, SampleRequest, SampleResult
-from treadle.errors import TreadleError, UserError, require
+from treadle.errors import TreadleError, require
 from treadle.models import CausalLM, LoraHook
 from treadle.models.qwen3_vl import ImageSpan
 
@@ -59,51 +59,6 @@ _MIN_SHARED_PREFILL = 16
 _PREFILL_TOKENS = 2048
 # An idle sampler keeps at most this many (slot × position) KV entries allocated.
 _IDLE_CACHE_TOKENS = 32 * 512
-
-
-def validate_request(
-    req: SampleRequest, *, vocab_size: int, max_context_length: int, can_decode: bool
-) -> None:
-    """Every check that can fail before the model runs (Invariant 6: bad input costs nothing else)."""
-    require(len(req.prompt) > 0, "prompt", "must contain at least one token")
-    require(all(isinstance(t, int) for t in req.prompt), "prompt", "token ids must be integers")
-    lo, hi = min(req.prompt), max(req.prompt)
-    require(
-        lo >= 0 and hi < vocab_size,
-        "prompt",
-        f"token ids must be in 0..{vocab_size - 1}, got {lo if lo < 0 else hi}",
-    )
-    require(
-        isinstance(req.num_samples, int) and req.num_samples >= 1,
-        "num_samples",
-        f"must be an integer ≥ 1, got {req.num_samples!r}",
-    )
-    require(
-        isinstance(req.topk_prompt_logprobs, int) and 0 <= req.topk_prompt_logprobs <= vocab_size,
-        "topk_prompt_logprobs",
-        f"must be an integer in 0..{vocab_size}, got {req.topk_prompt_logprobs!r}",
-    )
-    prompt_extras.validate(req, vocab_size)
-    p = req.params
-    p.validate(vocab_size)
-    require(
-        p.seed is None or isinstance(p.seed, int),
-        "sampling_params.seed",
-        f"must be an integer, got {p.seed!r}",
-    )
-    total = len(req.prompt) + p.max_tokens
-    require(
-        total <= max_context_length,
-        "sampling_params.max_tokens",
-        f"prompt ({len(req.prompt)} tokens) + max_tokens ({p.max_tokens}) = {total} exceeds the model's "
-        f"context length {max_context_length}",
-    )
-    if not can_decode and any(isinstance(s, str) for s in p.stop or ()):
-        raise UserError(
-            "sampling_params.stop: string stops need a tokenizer; this sampler has none, "
-            "pass stop token ids instead",
-            field="sampling_params.stop",
-        )
 
 
 @dataclasses.dataclass
@@ -282,7 +237,8 @@ class Sampler:
         `on_token(sample_index, token_id, logprob)` runs on the compute thread for each accepted token (the final
         stop token included), before the future resolves; keep it cheap. If it raises, only this request fails.
         Cancelling the returned future stops its generation at the next step."""
-        validate_request(
+        # A cheap guard for direct callers: the service ran the same checks at its edge (`treadle.engine.validate`).
+        validate.sample_request(
             req,
             vocab_size=self.vocab_size,
             max_context_length=self.max_context_length,

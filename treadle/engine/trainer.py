@@ -8,9 +8,9 @@ import dataclasses
 
 import torch
 
-from treadle.engine import losses
+from treadle.engine import losses, validate
 from treadle.engine.types import Datum, ForwardBackwardRequest, ForwardBackwardResult
-from treadle.errors import NotFoundError, TreadleError, UserError
+from treadle.errors import NotFoundError, TreadleError
 from treadle.lora import AdapterBank
 from treadle.models import CausalLM
 
@@ -32,37 +32,13 @@ class _Row:
 
 
 def validate_request(req: ForwardBackwardRequest, bank: AdapterBank, vocab_size: int, max_len: int) -> None:
-    """Every check that can fail before the model runs (Invariant 6: bad input costs nothing else)."""
+    """The checks that can fail before the model runs (Invariant 6: bad input costs nothing else). The data are
+    checked by `validate.forward_backward_data`, which the service already ran at its edge before the future
+    existed (there it is a 400); here it only guards direct callers of the `Engine` API, with the same limits.
+    Whether the adapter is loaded is known only now, when the request runs."""
     if req.adapter_id is not None and req.adapter_id not in bank:
         raise NotFoundError(f"model_id: no adapter {req.adapter_id!r} is loaded", field="model_id")
-    if req.adapter_id is None and not req.forward_only:
-        raise UserError(
-            "model_id: forward_backward needs a LoRA adapter (the base model is frozen)", field="model_id"
-        )
-    if not req.data:
-        raise UserError("data: must contain at least one datum", field="data")
-    for i, d in enumerate(req.data):
-        n = int(d.tokens.numel())
-        if n == 0:
-            raise UserError(f"data[{i}].model_input: must contain at least one token", field="model_input")
-        if n > max_len:
-            raise UserError(
-                f"data[{i}].model_input: {n} tokens exceed the model's context length {max_len}",
-                field="model_input",
-            )
-        lo, hi = int(d.tokens.min()), int(d.tokens.max())
-        if lo < 0 or hi >= vocab_size:
-            raise UserError(
-                f"data[{i}].model_input: token ids must be in 0..{vocab_size - 1}, got {lo if lo < 0 else hi}",
-                field="model_input",
-            )
-        try:
-            if req.custom_loss is not None:
-                req.custom_loss.validate(d.loss_fn_inputs, n, vocab_size)
-            else:
-                losses.validate(req.loss_fn, d.loss_fn_inputs, req.loss_fn_config, n, vocab_size)
-        except UserError as e:
-            raise UserError(f"data[{i}]: {e.message}", field=e.field) from None
+    validate.forward_backward_data(req, vocab_size, max_len)
 
 
 def _microbatches(rows: list[_Row], budget: int) -> list[list[_Row]]:

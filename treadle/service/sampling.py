@@ -10,9 +10,10 @@ import concurrent.futures
 import logging
 from typing import Any
 
+from treadle.engine import validate
 from treadle.engine.types import SampleRequest
 from treadle.engine.worker import Worker
-from treadle.errors import NotFoundError, TreadleError, UserError, require
+from treadle.errors import NotFoundError, TreadleError, UserError
 from treadle.service import paths
 from treadle.service.limits import Admission
 from treadle.service.paths import CheckpointRef
@@ -127,7 +128,12 @@ class Sampling:
         if req.images:  # image chunks → placeholder tokens (bad images: a 400 naming the chunk); decoding and
             # resizing are CPU work, kept off the event loop
             await asyncio.to_thread(engine.prepare_sample, req)
-        self._validate_sample(req, engine.info.vocab_size, engine.info.max_context_length)
+        validate.sample_request(  # the same checks as the sampler's own guard, here before any future exists
+            req,
+            vocab_size=engine.info.vocab_size,
+            max_context_length=engine.info.max_context_length,
+            max_num_samples=s.cfg.max_num_samples,
+        )
         req.adapter_id = target.adapter_id
         tokens = max(1, int(req.num_samples)) * (len(req.prompt) + int(req.params.max_tokens))
         budget = self.admission.budget
@@ -189,26 +195,6 @@ class Sampling:
                 field="target.sampling_session_id",
             )
         return await self.s.completions.since(sampler_id, prev_cursor, min(max(timeout_s, 0.0), 30.0))
-
-    def _validate_sample(self, req: SampleRequest, vocab: int, max_ctx: int) -> None:
-        max_num_samples = self.s.cfg.max_num_samples
-        req.params.validate(vocab)
-        require(
-            isinstance(req.num_samples, int) and 1 <= req.num_samples <= max_num_samples,
-            "num_samples",
-            f"must be an integer in 1..{max_num_samples}, got {req.num_samples!r}",
-        )
-        require(len(req.prompt) > 0, "prompt", "must contain at least one token")
-        bad = [t for t in req.prompt if not 0 <= t < vocab]
-        require(not bad, "prompt", f"token ids must be in 0..{vocab - 1}, got {bad[:5]}")
-        total = len(req.prompt) + req.params.max_tokens
-        require(
-            total <= max_ctx,
-            "sampling_params.max_tokens",
-            f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.params.max_tokens}) = {total} exceeds the "
-            f"model's max_context_length {max_ctx}",
-        )
-        require(0 <= req.topk_prompt_logprobs <= 100, "topk_prompt_logprobs", "must be in 0..100")
 
     def cancel(self, owner: str, request_id: str) -> bool:
         """Stop a sampling request's generation (protocol §4.3); its future resolves with a `user` error.

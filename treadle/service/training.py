@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from treadle.engine import validate
 from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig
 from treadle.engine.worker import Worker
 from treadle.errors import ConflictError, TreadleError, require
@@ -86,6 +87,8 @@ class Training:
         require(isinstance(seq_id, int) and seq_id >= 1, "seq_id", f"must be an integer ≥ 1, got {seq_id!r}")
         req.adapter_id = model_id
         model.worker.prepare_forward_backward(req)  # bad images: a 400 now, not a failed future
+        info = model.worker.info  # bad data (token ids, lengths, loss inputs): also a 400, before any future
+        validate.forward_backward_data(req, info.vocab_size, info.max_context_length)
         s.touch(model)
         return s.submit(
             owner,
