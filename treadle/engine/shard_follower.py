@@ -38,9 +38,13 @@ def _watch_parent(parent: int) -> None:
         time.sleep(1.0)
 
 
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
+
+
 def main(cmd_fd: int, reply_fd: int) -> None:
     from treadle import ops
-    from treadle.engine import sharding
+    from treadle.engine import losses, sharding
     from treadle.engine.placement.wire import recv, send
     from treadle.lora.bank import AdapterBank
     from treadle.models.loader import load_model
@@ -71,7 +75,11 @@ def main(cmd_fd: int, reply_fd: int) -> None:
             max_len=loaded.max_context_length,
         )
         del errors  # rank 0 finds the same ones
-        return per_datum
+        # to rank 0 as CPU tensors (unpickled CUDA tensors would land on this rank's GPU in rank 0's process)
+        return {
+            key: (lp.cpu(), losses.LossOutput(out.loss.cpu(), _cpu(out.elementwise_loss), out.metrics))
+            for key, (lp, out) in per_datum.items()
+        }
 
     def create(adapter_id: str, lora_cfg: Any, weights: list[torch.Tensor]) -> None:
         bank.create(adapter_id, lora_cfg)

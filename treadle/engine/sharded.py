@@ -239,7 +239,7 @@ class ShardedEngine(Engine):
     def create_adapter(self, adapter_id: str, cfg: LoraConfig) -> None:
         def local() -> list[torch.Tensor]:
             self.bank.create(adapter_id, cfg)
-            return [p.detach().clone() for p in self.bank.trainable_parameters(adapter_id)]
+            return [p.detach().cpu().clone() for p in self.bank.trainable_parameters(adapter_id)]
 
         self._everywhere(local, lambda weights: ("create", adapter_id, cfg, weights))
 
