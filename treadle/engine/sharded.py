@@ -25,13 +25,15 @@ Design (the simplest that keeps the collectives in lockstep):
   the running op and every later one fail with `WorkerLostError` (category server) and `health` raises.
 
 Numerics: per-datum logprobs and losses equal the single-process engine's within fp tolerance (a row's
-forward sees the same full weights, re-assembled by the all-gather, but runs in a differently shaped batch);
-LoRA gradients equal within fp tolerance and are bitwise identical on every rank. Deterministic mode
-(`deterministic=True`: batch-invariant kernels) makes a row's forward independent of its batch-mates, so
-logprobs and losses are bitwise equal to the single-process engine's; gradients are not (the reduction over
-the batch's tokens becomes per-rank partial sums added in rank order: a different summation tree, see
-sharding.py), but they are bitwise repeatable at a fixed world size. tests/unit/test_fsdp_parity.py checks
-each of these statements.
+forward sees the same full weights, re-assembled by the all-gather, but runs in a differently shaped batch),
+and so do the LoRA gradients, which are bitwise identical on every rank by construction (every rank adds the
+same gathered parts in the same order). Deterministic mode (`deterministic=True`: batch-invariant kernels)
+makes a row's forward independent of its batch-mates, so logprobs and losses are bitwise equal to the
+single-process engine's; gradients are not (the reduction over the batch's tokens becomes per-rank partial
+sums added in rank order: a different summation tree, see sharding.py), but they are bitwise repeatable at a
+fixed world size. tests/unit/test_fsdp_parity.py checks the parity, the bitwise forward and the repeatability.
+Through `treadle serve --deterministic --shards 2` a run's first losses are bitwise those of one process and
+later ones differ in the last bits, once a step's gradients came from the two-rank sum.
 
 One sharded engine per process: it owns the process's default process group.
 """
@@ -146,13 +148,12 @@ class ShardedEngine(Engine):
                     pass_fds=(cmd_r, reply_w),
                 )
             except BaseException:
-                for fd in (cmd_r, cmd_w, reply_r, reply_w):
-                    os.close(fd)
+                os.close(cmd_w)
+                os.close(reply_r)
                 raise
-            finally:
-                with contextlib.suppress(OSError):
-                    os.close(cmd_r)
-                    os.close(reply_w)
+            finally:  # the child's ends: only the child may hold them, so its death reads as EOF here
+                os.close(cmd_r)
+                os.close(reply_w)
             f = _Follower(rank, proc, Connection(cmd_w, readable=False), Connection(reply_r, writable=False))
             self._followers.append(f)
             wire.send(f.cmd, (spec,))
