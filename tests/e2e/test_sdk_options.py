@@ -155,9 +155,7 @@ def test_prompt_logprobs_last_n(clients: tuple[tinker.SamplingClient, tinker.Tra
     assert last.topk_prompt_logprobs is not None and full.topk_prompt_logprobs is not None
     assert last.topk_prompt_logprobs[:-3] == [None] * (len(PROMPT) - 3)
     assert last.topk_prompt_logprobs[-3:] == full.topk_prompt_logprobs[-3:]
-    with pytest.raises(
-        tinker.RequestFailedError, match=r"prompt_logprobs_last_n: must be an integer in 1\.\.9"
-    ):
+    with pytest.raises(tinker.BadRequestError, match=r"prompt_logprobs_last_n: must be an integer in 1\.\.9"):
         sampler.sample(types.ModelInput.from_ints(PROMPT), prompt_logprobs_last_n=len(PROMPT), **kw).result()
 
 
@@ -178,7 +176,7 @@ def test_stable_reinforce_is_a_documented_refusal(
             "advantages": types.TensorData.from_torch(torch.ones(len(PROMPT) - 1)),
         },
     )
-    with pytest.raises(tinker.RequestFailedError, match="not published its objective"):
+    with pytest.raises(tinker.BadRequestError, match="not published its objective"):
         tc.forward_backward([datum], "stable_reinforce").result()
 
 
