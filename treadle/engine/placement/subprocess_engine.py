@@ -120,6 +120,9 @@ class SubprocessEngine:
                 [sys.executable, "-m", "treadle.engine.placement.child", str(child_sock.fileno())],
                 pass_fds=[child_sock.fileno()],
                 env=env,
+                # its own process group: a signal to the server's group (Ctrl-C, `timeout`, a service
+                # manager's SIGTERM) reaches the server, which then closes its workers in order
+                start_new_session=True,
             )
         finally:
             child_sock.close()
