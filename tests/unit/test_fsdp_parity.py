@@ -163,11 +163,14 @@ def test_sharded_engine_equals_plain_engine(engines: tuple[ShardedEngine, Engine
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
     assert sharded.health()["shards"] == 2
 
+    lost: list[str] = []
+    sharded.set_lost_handler(lost.append)  # what Worker registers: the loss is reported while idle
     pids = sharded.follower_pids
     os.kill(pids[0], signal.SIGKILL)  # a dead follower: the next op fails with a server error
     deadline = time.monotonic() + 10
-    while not _gone(pids[0]) and sharded._followers[0].proc.poll() is None and time.monotonic() < deadline:
+    while not lost and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert len(lost) == 1 and "rank 1 exited" in lost[0]
     with pytest.raises(WorkerLostError, match="rank 1"):
         sharded.forward_backward(_requests(sharded.info.vocab_size, seed=0)[:1])
     with pytest.raises(WorkerLostError):

@@ -47,6 +47,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -105,6 +106,7 @@ class ShardedEngine(Engine):
         self._followers: list[_Follower] = []
         self._local_pass = False  # rank 0 runs its own share of a forward_backward: the followers run theirs
         self._lost: str | None = None
+        self._lost_handler: Callable[[str], None] | None = None
         self._closed = False
         port = _free_port()
         try:
@@ -126,6 +128,7 @@ class ShardedEngine(Engine):
             if dist.is_initialized():
                 dist.destroy_process_group()
             raise
+        threading.Thread(target=self._watch, name="treadle-shard-watch", daemon=True).start()
 
     # start-up -----------------------------------------------------------------------------------------
     def _spawn(self, spec: EngineSpec, port: int) -> None:
@@ -190,9 +193,30 @@ class ShardedEngine(Engine):
         if not self._local_pass:
             self._send(("forward",))
 
+    def set_lost_handler(self, handler: Callable[[str], None]) -> None:
+        """`handler(why)` runs once, on a thread of its own, when a rank is found dead (the protocol of the
+        placements whose process can die: `Worker` hands its listeners' notifier here). A process that hosts
+        only this engine (a worker process) may exit from it, so that its placement restarts a fresh one."""
+        self._lost_handler = handler
+
+    def _watch(self) -> None:
+        """Find a dead follower while nothing runs, so the loss is known before the next op."""
+        while not self._closed and self._lost is None:
+            for f in self._followers:
+                if (rc := f.proc.poll()) is not None and not self._closed:
+                    self._lose(f"rank {f.rank} exited (code {rc})")
+                    return
+            time.sleep(0.5)
+
     def _lose(self, why: str) -> WorkerLostError:
+        first = self._lost is None
         self._lost = self._lost or why
-        return WorkerLostError(f"engine: the sharded engine's {self._lost}; it serves nothing more")
+        err = WorkerLostError(f"engine: the sharded engine's {self._lost}; it serves nothing more")
+        if first and not self._closed and (handler := self._lost_handler) is not None:
+            threading.Thread(
+                target=handler, args=(err.message,), name="treadle-shard-lost", daemon=True
+            ).start()
+        return err
 
     def _check(self) -> None:
         if self._lost is not None:
@@ -294,11 +318,14 @@ class ShardedEngine(Engine):
                 )
             except BaseException as e:
                 dead = [(f.rank, rc) for f in self._followers if (rc := f.proc.poll()) is not None]
+                err = self._lose(  # a follower that died under the collective that failed here, or rank 0
+                    f"rank {dead[0][0]} exited (code {dead[0][1]}) during a step"
+                    if dead
+                    else f"rank 0 failed mid-step ({type(e).__name__}: {e})"
+                )
                 # the live followers may be waiting in a collective this rank will never issue
                 self._stop_followers(ask=False)
-                if dead:  # a follower died under the collective that failed here
-                    raise self._lose(f"rank {dead[0][0]} exited (code {dead[0][1]}) during a step") from e
-                raise self._lose(f"rank 0 failed mid-step ({type(e).__name__}: {e})") from e
+                raise err from e
             finally:
                 self._local_pass = False
             for theirs in self._replies():
