@@ -6,7 +6,10 @@ replicas (`--ray --replicas 2`, a real local Ray runtime) — driven by the offi
 The whole e2e suite runs against the default placement; this subset covers what a placement could change:
 - seq_id ordering: a training client pipelines forward_backward / optim_step without waiting, and an op whose
   predecessor is missing waits for it (submitted out of order over raw HTTP);
-- fused batching: two runs training at once, each getting exactly its single-run results;
+- fused batching: two runs training at once, each getting exactly its single-run results (fusion itself is
+  placement-independent: the scheduler that fuses ready ops runs in the server process for every placement and
+  only the fused batch crosses to the engine; with Ray the pair lands on two replicas, round-robin, so there the
+  check covers two replicas training at once);
 - sampling results, token streaming (OpenAI `stream=True` reassembles to the non-streamed text) and
   cancellation (`cancel_future` stops a long generation);
 - the values themselves: in deterministic mode every placement returns bitwise the same losses and tokens.
