@@ -30,7 +30,7 @@ from treadle.engine.types import (
     SampleResult,
 )
 from treadle.engine.vision_input import ImageExpander
-from treadle.errors import NotFoundError, TreadleError, UserError
+from treadle.errors import NotFoundError, TreadleError
 from treadle.lora import AdapterBank
 from treadle.models.loader import LoadedModel, load_model
 
@@ -150,13 +150,7 @@ class Engine:
     # image inputs -------------------------------------------------------------------------------
     def prepare_forward_backward(self, req: ForwardBackwardRequest) -> None:
         """Expand the request's image chunks (decode, check, preprocess); a UserError names the bad chunk."""
-        for i, d in enumerate(req.data):
-            try:
-                self.images.datum(d)
-            except UserError as e:
-                if e.field and e.field.startswith("data["):
-                    raise
-                raise UserError(f"data[{i}].{e.message}", field=f"data[{i}].{e.field}") from None
+        self.images.forward_backward(req)
 
     def prepare_sample(self, req: SampleRequest) -> None:
         self.images.sample(req)

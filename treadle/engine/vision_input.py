@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from treadle.engine.types import Datum, ImageInput, SampleRequest
+from treadle.engine.types import Datum, ForwardBackwardRequest, ImageInput, SampleRequest
 from treadle.errors import UserError
 from treadle.models.config import ModelConfig
 from treadle.models.image_processor import ImageProcessorConfig, decode_image, image_key, preprocess
@@ -71,6 +71,16 @@ class ImageExpander:
         d.tokens = torch.tensor(tokens, dtype=torch.long)
         d.spans = spans
         d.images = []
+
+    def forward_backward(self, req: ForwardBackwardRequest) -> None:
+        """Expand every datum's images in place; a UserError names the datum and chunk (`data[i].…`)."""
+        for i, d in enumerate(req.data):
+            try:
+                self.datum(d)
+            except UserError as e:
+                if e.field and e.field.startswith("data["):
+                    raise
+                raise UserError(f"data[{i}].{e.message}", field=f"data[{i}].{e.field}") from None
 
     def sample(self, req: SampleRequest) -> None:
         if not req.images:

@@ -151,13 +151,7 @@ class Worker:
 
     def prepare_forward_backward(self, req: ForwardBackwardRequest) -> None:
         """Expand image chunks here, at the edge: a bad image is refused before a future exists."""
-        for i, d in enumerate(req.data):
-            try:
-                self.images.datum(d)
-            except UserError as e:
-                if e.field and e.field.startswith("data["):
-                    raise
-                raise UserError(f"data[{i}].{e.message}", field=f"data[{i}].{e.field}") from None
+        self.images.forward_backward(req)
 
     def prepare_sample(self, req: SampleRequest) -> None:
         self.images.sample(req)

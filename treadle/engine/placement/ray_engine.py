@@ -64,14 +64,14 @@ import ray
 import ray.exceptions
 
 from treadle.engine.placement.api import EngineSpec, WorkerLostError
+from treadle.engine.placement.remote import RemoteEngine
 from treadle.engine.placement.wire import ErrorFields, pack_error, unpack_error
-from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig, SampleRequest, SampleResult
+from treadle.engine.types import ForwardBackwardRequest, LoraConfig, SampleRequest, SampleResult
 from treadle.errors import TreadleError
 
 if TYPE_CHECKING:
     from treadle.engine.engine import EngineInfo
     from treadle.engine.sampler import TokenCallback
-    from treadle.engine.vision_input import ImageExpander
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _describe_death(e: BaseException) -> str:
     return first or type(e).__name__
 
 
-class RayEngine:
+class RayEngine(RemoteEngine):
     placement = "ray"
 
     def __init__(
@@ -304,30 +304,21 @@ class RayEngine:
         `restart`: start a fresh actor when one dies (a server always does; tests of the failure may not)."""
         if not ray.is_initialized():
             raise TreadleError("ray: not connected; call treadle.engine.placement.ray_engine.connect first")
-        self.spec = spec
-        self.replica = replica
+        super().__init__(spec, replica)
         self._num_cpus = num_cpus
         self._env = dict(env or {})
         self._restart = restart
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # guards everything below that changes after start
         self._pending: dict[int, _Pending] = {}
-        self._adapters: set[str] = set()  # the actor's adapter ids: has_adapter needs no round trip
         self._lost: str | None = None  # why the current actor is unusable (None: it is serving)
         self._closing = False
         self._lost_handler: Callable[[str], None] | None = None
-        self._tokenizer: Any = None
-        self._images: ImageExpander | None = None
         self._model_dir: Path | None = None
         self._actor: Any = None
         self._pid: int | None = None
-        self._info: EngineInfo = self._start()
+        self._info = self._start()
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
-    @property
-    def label(self) -> str:
-        return self.spec.model if self.replica == 0 else f"{self.spec.model} (replica {self.replica})"
-
     @property
     def pid(self) -> int | None:
         """The actor process's pid (on its node)."""
@@ -511,15 +502,11 @@ class RayEngine:
         return self._get(actor, actor.call.remote(method, args, kwargs), _timeout)[1]
 
     # ---- EngineAPI ---------------------------------------------------------------------------------------------
-    @property
-    def info(self) -> EngineInfo:
-        return self._info
-
     def _local_model_dir(self) -> Path:
         """The model's files on this machine: the actor's own directory when this process shares its disk
         (same node), else its non-weight files fetched once into a temp dir (a remote cluster)."""
         if self._model_dir is None:
-            d = Path(self._info.tokenizer_dir)
+            d = Path(self.info.tokenizer_dir)
             if not (d / "config.json").is_file():
                 actor = self._current()
                 files: dict[str, bytes] = ray.get(actor.model_files.remote())
@@ -528,52 +515,6 @@ class RayEngine:
                     (d / name).write_bytes(data)
             self._model_dir = d
         return self._model_dir
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self._local_model_dir()))
-        return self._tokenizer
-
-    @property
-    def images(self) -> ImageExpander:
-        if self._images is None:
-            from treadle.engine.vision_input import ImageExpander
-            from treadle.models.config import ModelConfig
-
-            d = self._local_model_dir()
-            self._images = ImageExpander(ModelConfig.from_file(d / "config.json"), d, self.spec.model)
-        return self._images
-
-    def create_adapter(self, adapter_id: str, cfg: LoraConfig) -> None:
-        self._call("create_adapter", adapter_id, cfg)
-        with self._lock:
-            self._adapters.add(adapter_id)
-
-    def remove_adapter(self, adapter_id: str) -> None:
-        self._call("remove_adapter", adapter_id)
-        with self._lock:
-            self._adapters.discard(adapter_id)
-
-    def has_adapter(self, adapter_id: str) -> bool:
-        with self._lock:
-            return adapter_id in self._adapters
-
-    def snapshot_adapter(self, src_id: str, dst_id: str) -> None:
-        self._call("snapshot_adapter", src_id, dst_id)
-        with self._lock:
-            self._adapters.add(dst_id)
-
-    def save_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> None:
-        self._call("save_adapter", adapter_id, Path(directory), optimizer=optimizer)
-
-    def load_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> LoraConfig:
-        cfg = self._call("load_adapter", adapter_id, Path(directory), optimizer=optimizer)
-        with self._lock:
-            self._adapters.add(adapter_id)
-        return cfg
 
     def export_adapter(self, adapter_id: str, *, optimizer: bool = False) -> Any:
         """A `ray.ObjectRef` to the adapter's checkpoint files in Ray's object store (weights only unless
@@ -594,9 +535,6 @@ class RayEngine:
         actor = self._current()
         _ok, results, errors = self._get(actor, actor.forward_backward.remote(requests))
         return [unpack_error(errors[i]) if i in errors else r for i, r in enumerate(results)]
-
-    def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
-        return self._call("optim_step", adapter_id, params)
 
     def sample(
         self, req: SampleRequest, on_token: TokenCallback | None = None

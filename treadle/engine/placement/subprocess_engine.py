@@ -30,20 +30,19 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from treadle.engine.placement.api import EngineSpec, WorkerLostError
+from treadle.engine.placement.remote import RemoteEngine
 from treadle.engine.placement.wire import recv as _recv
 from treadle.engine.placement.wire import send as _send
 from treadle.engine.placement.wire import unpack_error
-from treadle.engine.types import AdamParams, ForwardBackwardRequest, LoraConfig, SampleRequest, SampleResult
+from treadle.engine.types import ForwardBackwardRequest, SampleRequest, SampleResult
 from treadle.errors import TreadleError
 
 if TYPE_CHECKING:
     from treadle.engine.engine import EngineInfo
     from treadle.engine.sampler import TokenCallback
-    from treadle.engine.vision_input import ImageExpander
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ def _describe_exit(code: int | None) -> str:
     return f"it exited with status {code}"
 
 
-class SubprocessEngine:
+class SubprocessEngine(RemoteEngine):
     placement = "subprocess"
 
     def __init__(
@@ -80,31 +79,20 @@ class SubprocessEngine:
     ) -> None:
         """`env`: extra environment of the child (e.g. OMP_NUM_THREADS); `restart`: start a fresh child when one
         dies (a server always does; tests of the failure itself may not)."""
-        self.spec = spec
-        self.replica = replica
+        super().__init__(spec, replica)
         self._env = env or {}
         self._restart = restart
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # guards _pending, _conn, _lost, _adapters
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
-        self._adapters: set[str] = (
-            set()
-        )  # a mirror of the child's adapter ids: has_adapter needs no round trip
         self._lost: str | None = None  # why the current child is unusable (None: it is serving)
         self._closing = False
         self._lost_handler: Callable[[str], None] | None = None
-        self._tokenizer: Any = None
-        self._images: ImageExpander | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
-        self._info: EngineInfo = self._start()
+        self._info = self._start()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
-    @property
-    def label(self) -> str:
-        return self.spec.model if self.replica == 0 else f"{self.spec.model} (replica {self.replica})"
-
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
@@ -149,9 +137,9 @@ class SubprocessEngine:
             proc.wait(timeout=30)
             conn.close()
             raise unpack_error(msg[1])
+        self._forget_adapters()
         with self._lock:
             self._proc, self._conn, self._lost = proc, conn, None
-            self._adapters.clear()
         threading.Thread(
             target=self._read, args=(conn, proc), name=f"treadle-worker-reader-{proc.pid}", daemon=True
         ).start()
@@ -220,7 +208,7 @@ class SubprocessEngine:
             )
             self._lost = why
             pending, self._pending = self._pending, {}
-            self._adapters.clear()
+        self._forget_adapters()
         log.error("%s; failing %d requests and restarting it", why, len(pending))
         err = WorkerLostError(
             f"{why}; this request was lost with it — retry it (training runs continue from "
@@ -276,61 +264,8 @@ class SubprocessEngine:
         return fut.result()
 
     # ---- EngineAPI ------------------------------------------------------------------------------------------
-    @property
-    def info(self) -> EngineInfo:
-        return self._info
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self._info.tokenizer_dir)
-        return self._tokenizer
-
-    @property
-    def images(self) -> ImageExpander:
-        if self._images is None:
-            from treadle.engine.vision_input import ImageExpander
-            from treadle.models.config import ModelConfig
-
-            d = Path(self._info.tokenizer_dir)
-            self._images = ImageExpander(ModelConfig.from_file(d / "config.json"), d, self.spec.model)
-        return self._images
-
-    def create_adapter(self, adapter_id: str, cfg: LoraConfig) -> None:
-        self._call("create_adapter", adapter_id, cfg)
-        with self._lock:
-            self._adapters.add(adapter_id)
-
-    def remove_adapter(self, adapter_id: str) -> None:
-        self._call("remove_adapter", adapter_id)
-        with self._lock:
-            self._adapters.discard(adapter_id)
-
-    def has_adapter(self, adapter_id: str) -> bool:
-        with self._lock:
-            return adapter_id in self._adapters
-
-    def snapshot_adapter(self, src_id: str, dst_id: str) -> None:
-        self._call("snapshot_adapter", src_id, dst_id)
-        with self._lock:
-            self._adapters.add(dst_id)
-
-    def save_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> None:
-        self._call("save_adapter", adapter_id, Path(directory), optimizer=optimizer)
-
-    def load_adapter(self, adapter_id: str, directory: Path, *, optimizer: bool) -> LoraConfig:
-        cfg = self._call("load_adapter", adapter_id, Path(directory), optimizer=optimizer)
-        with self._lock:
-            self._adapters.add(adapter_id)
-        return cfg
-
     def forward_backward(self, requests: list[ForwardBackwardRequest]) -> list[Any]:
         return self._call("forward_backward", requests)
-
-    def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
-        return self._call("optim_step", adapter_id, params)
 
     def sample(
         self, req: SampleRequest, on_token: TokenCallback | None = None
