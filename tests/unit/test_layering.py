@@ -16,6 +16,9 @@ SERVER_LAYERS = ["ops", "models", "lora", "engine", "store", "service", "api"]
 CLIENT_SIDE = {"rl", "learn", "client_threads", "deploy_cli"}
 # importable from anywhere: no treadle imports of their own beyond each other
 BASE = {"errors", "atomic"}
+# Below-but-not-adjacent imports that are still wrong: the HTTP front ends ask the service, never the store
+# (persistence, names and rows are the service's business).
+SKIPS = {("api", "store")}
 
 
 def _layer(module: str) -> str | None:
@@ -49,6 +52,8 @@ def _violations() -> list[str]:
             elif here in SERVER_LAYERS and there in SERVER_LAYERS:
                 if SERVER_LAYERS.index(there) > SERVER_LAYERS.index(here):
                     bad.append(f"{where} (imports point down: {here} is below {there})")
+                elif (here, there) in SKIPS:
+                    bad.append(f"{where} ({here} reaches {there} through the service)")
             elif here in SERVER_LAYERS and there in CLIENT_SIDE:
                 bad.append(f"{where} (the server does not depend on client-side libraries)")
     return bad

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from treadle.api.decoding import INT64_MAX, INT64_MIN
 from treadle.errors import UserError
 from treadle.service.deployments import Deployments
-from treadle.store.traces import TraceFilter
+from treadle.service.traces import TraceFilter
 
 T = TypeVar("T")
 _LIST_PARAMS = ("deployment", "version", "after_seq", "has_feedback", "session_id", "limit")

@@ -18,6 +18,9 @@ from treadle.errors import NotFoundError, UserError, require
 from treadle.store.db import utcnow
 from treadle.store.traces import FeedbackRow, TraceFilter, TraceRow, TraceStore
 
+# TraceFilter is the query the API builds for `Traces.query`: the service's type, stored by the store's rows
+__all__ = ["ServedBy", "TraceFilter", "TraceRecord", "Traces"]
+
 MAX_LIST = 1000
 MAX_REWARD = 1e6
 MAX_CORRECTION = 100_000
