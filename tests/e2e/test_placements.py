@@ -1,7 +1,7 @@
 """The same behaviour in every placement (issue 12 §1): a real `treadle serve --deterministic` per placement —
-engines inside the server (`--in-process`), in a worker process (the default), and as Ray actors with two
-replicas (`--ray --replicas 2`, a real local Ray runtime) — driven by the official SDK, raw HTTP and the
-`openai` client, and compared.
+engines inside the server (`--in-process`), in a worker process (the default), as Ray actors with two replicas
+(`--ray --replicas 2`, a real local Ray runtime), and sharded over two FSDP2 ranks (`--shards 2`, gloo) —
+driven by the official SDK, raw HTTP and the `openai` client, and compared.
 
 The whole e2e suite runs against the default placement; this subset covers what a placement could change:
 - seq_id ordering: a training client pipelines forward_backward / optim_step without waiting, and an op whose
@@ -36,7 +36,11 @@ PLACEMENTS = {
     "in_process": ("--in-process",),
     "worker_process": (),
     "ray_2_replicas": ("--ray", "--replicas", "2"),
+    "fsdp_2_shards": ("--shards", "2"),
 }
+# FSDP2 splits a batch's tokens over the ranks, so LoRA gradients sum in another order (treadle/engine/sharded.py):
+# per-datum results are bitwise equal, the weights after an optimizer step only to float rounding.
+NOT_BITWISE = {"fsdp_2_shards"}
 ADAM = types.AdamParams(learning_rate=1e-2)
 
 
@@ -202,4 +206,15 @@ def test_placements_agree_bitwise(behaviours: dict[str, dict[str, Any]]) -> None
 
     reference = values(behaviours["in_process"])
     for name, b in behaviours.items():
-        assert values(b) == reference, f"{name} differs from in-process"
+        if name not in NOT_BITWISE:
+            assert values(b) == reference, f"{name} differs from in-process"
+            continue
+        got = values(b)
+        runs = [got["alone"], *got["together"]]
+        for run, ref in zip(runs, [reference["alone"], *reference["together"]], strict=True):
+            assert run["losses"][0] == ref["losses"][0]  # before any optimizer step: bitwise
+            assert run["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+            assert run["tokens"] == ref["tokens"]
+        assert {k: v for k, v in got.items() if k not in ("alone", "together")} == {
+            k: v for k, v in reference.items() if k not in ("alone", "together")
+        }

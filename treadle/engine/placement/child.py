@@ -50,6 +50,10 @@ class _Server:
         except BaseException as e:  # noqa: BLE001 - the parent must learn why the worker could not start
             self.send(("failed", pack_error(e)))
             return
+        if hasattr(self.engine, "set_lost_handler"):
+            # An engine made of several processes (FSDP2 ranks) that lost one cannot serve again: exit, so the
+            # parent sees this worker die and starts a fresh one (ranks and all).
+            self.engine.set_lost_handler(lambda why: _exit_lost(why))
         if spec.memory_headroom_mb is not None:
             _limit_memory(spec.memory_headroom_mb)
         self.send(("ready", self.engine.info))
@@ -102,6 +106,11 @@ class _Server:
             return
         e = fut.exception()
         self.send(("err", rid, pack_error(e)) if e is not None else ("ok", rid, fut.result()))
+
+
+def _exit_lost(why: str) -> None:
+    log.error("%s; this worker exits so that a fresh one starts", why)
+    os._exit(70)
 
 
 def _limit_memory(headroom_mb: float) -> None:
