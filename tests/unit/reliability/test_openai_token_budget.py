@@ -45,7 +45,7 @@ class Backend:
     def served_models(self, owner: str) -> list[str]:
         return [BASE]
 
-    def resolve(self, model: str, owner: str) -> tuple[Engine, str | None]:
+    async def resolve(self, model: str, owner: str) -> tuple[Engine, str | None]:
         if model == BASE:
             return self.engine, None
         if model.startswith("adapter:"):
