@@ -4,11 +4,13 @@ cancel a request.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from treadle.api.tinker.codec import is_heavy, to_wire
 from treadle.api.tinker.routes.wire import Fields, fields, owner
 from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
@@ -30,9 +32,13 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
             return JSONResponse(body, status_code=408)
         if outcome.error is not None:
             return JSONResponse({"error": outcome.error, "category": outcome.category or "unknown"})
-        if outcome.proto is not None:
-            return Response(outcome.proto, media_type="application/x-protobuf")
-        return JSONResponse(outcome.json or {})
+        if outcome.result is None:
+            return JSONResponse({})
+        result = outcome.result
+        wire = await asyncio.to_thread(to_wire, result) if is_heavy(result) else to_wire(result)
+        if isinstance(wire, bytes):
+            return Response(wire, media_type="application/x-protobuf")
+        return JSONResponse(wire)
 
     @r.post("/retrieve_futures")
     async def retrieve_futures(request: Request) -> dict[str, Any]:
