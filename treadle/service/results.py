@@ -64,6 +64,17 @@ class CustomLossCreated:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """A training run's model, as `get_info` describes it (answered at once, not through a future)."""
+
+    model_id: str
+    arch: str
+    model_name: str
+    tokenizer_dir: str
+    lora_rank: int | None
+
+
+@dataclasses.dataclass(frozen=True)
 class Sampled:
     """A sample's result plus what answering it needs from its request: how many top-k slots each row has, and
     the target ids the target logprobs answer (and whether they came sparse, to answer in kind)."""

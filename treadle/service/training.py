@@ -12,7 +12,7 @@ from treadle.engine.worker import Worker
 from treadle.errors import ConflictError, TreadleError, require
 from treadle.service import paths
 from treadle.service.custom_losses import CustomLosses
-from treadle.service.results import ModelCreated, Optimized, SamplerSnapshot
+from treadle.service.results import ModelCreated, ModelInfo, Optimized, SamplerSnapshot
 from treadle.service.state import LoadedModel, LoadedSampler, ServiceState
 from treadle.store import SamplerRow
 
@@ -55,22 +55,12 @@ class Training:
         )
         return rid, mid
 
-    def get_info(self, owner: str, model_id: str) -> dict[str, Any]:
+    def get_info(self, owner: str, model_id: str) -> ModelInfo:
         run = self.s.run(owner, model_id)
-        worker = self.s.pool.get(run.base_model)
-        info = worker.info
-        return {
-            "model_id": model_id,
-            "model_data": {
-                "arch": info.arch,
-                "model_name": info.model_name,
-                "tokenizer_id": info.tokenizer_dir,
-            },
-            "is_lora": True,
-            "lora_rank": run.lora_config.get("rank"),
-            "model_name": info.model_name,
-            "type": "get_info",
-        }
+        info = self.s.pool.get(run.base_model).info
+        return ModelInfo(
+            model_id, info.arch, info.model_name, info.tokenizer_dir, run.lora_config.get("rank")
+        )
 
     def forward_backward(
         self,

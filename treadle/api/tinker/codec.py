@@ -153,6 +153,18 @@ def to_wire(result: Result) -> bytes | dict[str, Any]:
     raise TypeError(f"no wire form for {type(result).__name__}")
 
 
+def model_info(info: results.ModelInfo) -> dict[str, Any]:
+    """`get_info`'s answer (the SDK's GetInfoResponse)."""
+    return {
+        "model_id": info.model_id,
+        "model_data": {"arch": info.arch, "model_name": info.model_name, "tokenizer_id": info.tokenizer_dir},
+        "is_lora": True,
+        "lora_rank": info.lora_rank,
+        "model_name": info.model_name,
+        "type": "get_info",
+    }
+
+
 def is_heavy(result: Result) -> bool:
     """Whether encoding `result` is worth a thread hop off the event loop (big tensors or many tokens)."""
     if isinstance(result, ForwardBackwardResult):
