@@ -192,7 +192,8 @@ def encode_forward_backward(res: ForwardBackwardResult) -> bytes:
             bt.offsets = np.array([0, len(data)], dtype=np.int64).tobytes()
             bt.dtype = _TORCH_OUT[t.dtype]
             bt.trailing_shape.extend(list(t.shape[1:]))
-    return out.SerializeToString()
+    # deterministic: map entries (metrics, fields) in key order, so the same result is always the same bytes
+    return out.SerializeToString(deterministic=True)
 
 
 def target_ids(raw: object) -> torch.Tensor | None:
@@ -297,7 +298,7 @@ def encode_sample(sampled: Sampled) -> bytes:
         ids_t, lps_t = res.prompt_alt_tokens
         out.prompt_alt_tokens.tokens.CopyFrom(_dense(ids_t, pb.DTYPE_INT64))
         out.prompt_alt_tokens.logprobs.CopyFrom(_dense(lps_t, pb.DTYPE_FLOAT32))
-    return out.SerializeToString()
+    return out.SerializeToString(deterministic=True)
 
 
 def sampling_params(raw: dict[str, Any]) -> SamplingParams:
