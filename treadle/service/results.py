@@ -180,13 +180,16 @@ def _load_forward_backward(body: dict[str, Any], tensors: dict[str, torch.Tensor
 
 def _dump_sampled(s: Sampled) -> bytes:
     r = s.result
-    tensors: dict[str, torch.Tensor] = {}
-    seqs = []
-    for i, q in enumerate(r.sequences):
-        # float64 holds every logprob exactly (they are float32 values or Python floats)
-        tensors[f"seq/{i}/tokens"] = torch.tensor(q.tokens, dtype=torch.int64)
-        tensors[f"seq/{i}/logprobs"] = torch.tensor(q.logprobs, dtype=torch.float64)
-        seqs.append({"stop_reason": q.stop_reason, "topk": _pairs(q.topk_logprobs)})
+    # every sequence's tokens and logprobs in one tensor each (one conversion, not one per sequence); float64
+    # holds every logprob exactly (they are float32 values or Python floats)
+    tensors = {
+        "tokens": torch.tensor([t for q in r.sequences for t in q.tokens], dtype=torch.int64),
+        "logprobs": torch.tensor([x for q in r.sequences for x in q.logprobs], dtype=torch.float64),
+    }
+    seqs = [
+        {"n": len(q.tokens), "stop_reason": q.stop_reason, "topk": _pairs(q.topk_logprobs)}
+        for q in r.sequences
+    ]
     for name, t in (
         ("target_prompt_logprobs", r.target_prompt_logprobs),
         ("target_ids", s.target_ids),
@@ -208,15 +211,14 @@ def _dump_sampled(s: Sampled) -> bytes:
 
 
 def _load_sampled(body: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Sampled:
-    seqs = [
-        SampledSequence(
-            tensors[f"seq/{i}/tokens"].tolist(),
-            tensors[f"seq/{i}/logprobs"].tolist(),
-            q["stop_reason"],
-            _tuples(q["topk"]),
+    tokens, logprobs = tensors["tokens"].tolist(), tensors["logprobs"].tolist()
+    seqs, at = [], 0
+    for q in body["sequences"]:
+        n = q["n"]
+        seqs.append(
+            SampledSequence(tokens[at : at + n], logprobs[at : at + n], q["stop_reason"], _tuples(q["topk"]))
         )
-        for i, q in enumerate(body["sequences"])
-    ]
+        at += n
     alt = tensors.get("alt_ids"), tensors.get("alt_logprobs")
     result = SampleResult(
         sequences=seqs,
