@@ -13,7 +13,14 @@ from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
 
-from treadle.api.tinker.codec import decode_forward_backward, encode_forward_backward, encode_sample, to_wire
+from treadle.api.tinker.codec import (
+    HEAVY_ELEMENTS,
+    decode_forward_backward,
+    encode_forward_backward,
+    encode_sample,
+    is_heavy,
+    to_wire,
+)
 from treadle.engine.types import (
     ForwardBackwardResult,
     SampledSequence,
@@ -208,3 +215,12 @@ def test_an_unreadable_payload_is_a_clear_error() -> None:
     for text, blob in [('{"metrics": {}, "type": "optim_step"}', None), (None, b"\x08\x01garbage")]:
         with pytest.raises(results.PayloadError, match="submit again"):
             results.load(text, blob)
+
+
+def test_only_large_results_are_encoded_off_the_event_loop() -> None:
+    def fb(n: int) -> ForwardBackwardResult:
+        return ForwardBackwardResult([{"logprobs": torch.zeros(n)}], {})
+
+    assert not is_heavy(fb(8)) and is_heavy(fb(HEAVY_ELEMENTS + 1))
+    big = SampleResult([SampledSequence([1] * (HEAVY_ELEMENTS + 1), [0.0] * (HEAVY_ELEMENTS + 1), "length")])
+    assert is_heavy(Sampled(big)) and not is_heavy(results.Optimized({}))
