@@ -133,7 +133,6 @@ def _key_map(cfg: ServerConfig) -> dict[str, str] | None:
 
 def build_service(cfg: ServerConfig) -> Any:
     """Load every served model and open the store; returns the `TinkerService`."""
-    from treadle.api.tinker.codec import ProtoCodec
     from treadle.engine.placement.api import EngineSpec
     from treadle.engine.placement.pool import build_pool
     from treadle.service.auth import Authenticator
@@ -168,7 +167,7 @@ def build_service(cfg: ServerConfig) -> Any:
         ephemeral_samplers_per_model=cfg.ephemeral_samplers,
         image_dir=cfg.image_dir,
     )
-    return TinkerService(scfg, store, pool, auth, ProtoCodec(), cfg.limits)
+    return TinkerService(scfg, store, pool, auth, cfg.limits)
 
 
 def build_app(config: ServerConfig) -> FastAPI:

@@ -1,6 +1,7 @@
 """Restart on the same data dir after a crash (SIGKILL): runs and checkpoints are still listed, resuming
-with optimizer state reproduces the next-step loss, and a future in flight at the crash resolves with an
-error of category `server` instead of hanging (invariant 4)."""
+with optimizer state reproduces the next-step loss, a future in flight at the crash resolves with an
+error of category `server` instead of hanging (invariant 4), and a finished future answers with the same bytes
+as before the crash (JSON, and the protobuf of a forward_backward and of a sample, read back from the store)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 import tinker
 from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
 
 from tests.e2e.conftest import API_KEY, ServerProcess
 from treadle.store.db import metadata
@@ -31,6 +33,53 @@ def _datum() -> types.Datum:
             "weights": types.TensorData.from_numpy(np.ones(len(TOKENS) - 1, dtype=np.float32)),
         },
     )
+
+
+def _answer(http: httpx.Client, request_id: str) -> tuple[str, bytes]:
+    """A finished future's retrieve_future answer: (content type, body bytes)."""
+    for _ in range(20):
+        r = http.post("/retrieve_future", json={"request_id": request_id})
+        if r.status_code != 408:
+            assert r.status_code == 200 and b'"error"' not in r.content, r.text
+            return r.headers["content-type"], r.content
+    raise AssertionError("future never resolved")
+
+
+def _finished_futures(http: httpx.Client, model: str) -> list[str]:
+    """One future of each stored shape: create_model (JSON), forward_backward and a sample (protobuf)."""
+    sid = http.post("/create_session", json={}).json()["session_id"]
+    made = http.post(
+        "/create_model",
+        json={"session_id": sid, "model_seq_id": 0, "base_model": model, "lora_config": {"rank": 4}},
+    ).json()
+    _answer(http, made["request_id"])  # the model exists once its create resolves
+    fb = types.ForwardBackwardRequest(
+        model_id=made["model_id"],
+        seq_id=1,
+        forward_backward_input=types.ForwardBackwardInput(data=[_datum()], loss_fn="cross_entropy"),
+    )
+    fb_rid = http.post(
+        "/forward_backward",
+        content=forward_backward_request_to_proto(fb).SerializeToString(),
+        headers={"Content-Type": "application/x-protobuf"},
+    ).json()["request_id"]
+    sampler = http.post(
+        "/create_sampling_session",
+        json={"session_id": sid, "sampling_session_seq_id": 0, "base_model": model},
+    ).json()["sampling_session_id"]
+    sample_rid = http.post(
+        "/asample",
+        json={
+            "sampling_session_id": sampler,
+            "seq_id": 0,
+            "num_samples": 2,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": TOKENS}]},
+            "sampling_params": {"max_tokens": 3, "seed": 1},
+            "topk_prompt_logprobs": 2,
+            "topk_sample_logprobs": 2,
+        },
+    ).json()["request_id"]
+    return [made["request_id"], fb_rid, sample_rid]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -65,7 +114,12 @@ def test_crash_restart_resume(e2e_model_dir: Path, tmp_path: Path, db_args: tupl
         continued = tc.forward([_datum()], "cross_entropy").result().metrics["loss:sum"]
 
         # A submission whose predecessor (seq_id 999) never arrives stays in flight until the crash.
-        with httpx.Client(base_url=server.base_url + "/api/v1", headers={"X-API-Key": API_KEY}) as http:
+        with httpx.Client(
+            base_url=server.base_url + "/api/v1", headers={"X-API-Key": API_KEY}, timeout=60
+        ) as http:
+            finished = _finished_futures(http, server.model)
+            before = [_answer(http, rid) for rid in finished]
+            assert [ctype for ctype, _ in before] == ["application/json"] + ["application/x-protobuf"] * 2
             stuck = http.post(
                 "/optim_step", json={"model_id": run_id, "seq_id": 1000, "adam_params": {}}
             ).json()
@@ -81,6 +135,7 @@ def test_crash_restart_resume(e2e_model_dir: Path, tmp_path: Path, db_args: tupl
             assert (
                 r.status_code == 200 and r.json()["category"] == "server" and "restarted" in r.json()["error"]
             )
+            assert [_answer(http, rid) for rid in finished] == before
 
         rest = tinker.RestClient(base_url=server.base_url, api_key=API_KEY)
         run = rest.get_training_run(run_id).result()

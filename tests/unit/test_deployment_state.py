@@ -41,7 +41,7 @@ def _deployments(service: TinkerService) -> Deployments:
 async def _result(svc: TinkerService, rid: str) -> Any:
     out = await svc.requests.retrieve("local", rid, timeout_s=60)
     assert out is not None and out.error is None, out
-    return out.json
+    return out.result
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def checkpoints(service: TinkerService) -> list[str]:
                 overwrite=False,
                 user_metadata={},
             )
-            paths.append((await _result(service, rid))["path"])
+            paths.append((await _result(service, rid)).path)
         return paths
 
     return asyncio.run(main())

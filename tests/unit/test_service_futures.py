@@ -11,6 +11,7 @@ import pytest
 
 from treadle.errors import NotFoundError, UserError
 from treadle.service.futures import FutureHub, Outcome
+from treadle.service.results import Optimized
 from treadle.store import MetadataStore
 
 
@@ -23,11 +24,11 @@ def test_resolve_from_a_thread_wakes_the_waiter(hub: FutureHub) -> None:
     async def main() -> Outcome | None:
         rid, created = hub.create("alice", "optim_step", "op:m:1")
         assert created
-        threading.Thread(target=hub.resolve, args=(rid, Outcome(json={"metrics": {"x:sum": 1.0}}))).start()
+        threading.Thread(target=hub.resolve, args=(rid, Outcome(result=Optimized({"x:sum": 1.0})))).start()
         return await hub.wait(rid, "alice", timeout_s=30)
 
     out = asyncio.run(main())
-    assert out is not None and out.json == {"metrics": {"x:sum": 1.0}}
+    assert out is not None and out.result == Optimized({"x:sum": 1.0})
 
 
 def test_pending_times_out_then_resolves_and_replays_from_db(hub: FutureHub) -> None:

@@ -32,7 +32,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinkerService]
 async def _result(svc: TinkerService, rid: str) -> Any:
     out = await svc.requests.retrieve("local", rid, timeout_s=60)
     assert out is not None and out.error is None, out
-    return out.json if out.json is not None else out.proto
+    return out.result
 
 
 def _fb() -> ForwardBackwardRequest:
@@ -74,12 +74,11 @@ def test_expiry_releases_adapters_but_keeps_checkpoints(service: TinkerService) 
             service.training.optim_step("local", mid, 4, AdamParams())
 
         sid2 = service.sessions.create_session("local", [], {})
-        rid, mid2 = service.weights.load_weights_new("local", sid2, 0, saved["path"], True, None)
+        rid, mid2 = service.weights.load_weights_new("local", sid2, 0, saved.path, True, None)
         await _result(service, rid)
         assert engine.has_adapter(mid2)
         assert (
-            service.checkpoints.list_checkpoints("local", mid)["checkpoints"][0]["tinker_path"]
-            == saved["path"]
+            service.checkpoints.list_checkpoints("local", mid)["checkpoints"][0]["tinker_path"] == saved.path
         )
 
     asyncio.run(main())

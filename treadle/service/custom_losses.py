@@ -15,6 +15,7 @@ from typing import Any
 
 from treadle.engine.custom_loss import CustomLoss, build
 from treadle.errors import NotFoundError, TreadleError, UserError, require
+from treadle.service.results import CustomLossCreated
 from treadle.service.state import ServiceState
 
 MAX_PER_SESSION = 64
@@ -48,7 +49,7 @@ class CustomLosses:
         loss_id = f"{session_id}:custom_loss:{seq_id}"
 
         def run(rid: str) -> None:
-            done = s.json_done(rid)
+            done = s.done(rid)
             try:
                 loss = build(name, inputs, graph)
                 with self._lock:
@@ -63,7 +64,7 @@ class CustomLosses:
             except TreadleError as e:
                 done(e)
                 return
-            done({"loss_id": loss_id, "type": "create_custom_loss"})
+            done(CustomLossCreated(loss_id))
 
         return s.submit(owner, "create_custom_loss", f"custom_loss:{loss_id}", run)
 

@@ -11,23 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
+import logging
 import threading
 import uuid
-from typing import Any
 
 from treadle.errors import NotFoundError, TreadleError
+from treadle.service import results
+from treadle.service.results import Result
 from treadle.store import MetadataStore
+
+log = logging.getLogger(__name__)
 
 RESTART_MESSAGE = "the server restarted while this request was in flight; submit it again"
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """A resolved future: exactly one of a JSON result, a protobuf result, or an error."""
+    """A resolved future: a domain result (`treadle.service.results`) or an error; the API turns it into the
+    wire answer."""
 
-    json: dict[str, Any] | None = None
-    proto: bytes | None = None
+    result: Result | None = None
     error: str | None = None
     category: str | None = None  # "user" | "server" | "unknown" when `error` is set
 
@@ -63,7 +66,15 @@ class FutureHub:
         return request_id, True
 
     def resolve(self, request_id: str, outcome: Outcome) -> None:
-        """Thread-safe: wake the waiters on the event loop, persist, then drop the in-memory entry."""
+        """Thread-safe: encode the stored payload (here, on the resolving thread), wake the waiters on the event
+        loop, persist, then drop the in-memory entry."""
+        text, blob = None, None
+        if outcome.error is None and outcome.result is not None:
+            try:
+                text, blob = results.dump(outcome.result)
+            except Exception as e:  # a payload bug must still resolve the future (invariant 4)
+                log.exception("storing a result failed")
+                outcome = Outcome(error=f"internal error storing the result: {e}", category="server")
         with self._lock:
             entry = self._pending.get(request_id)
         if entry is not None:
@@ -74,8 +85,8 @@ class FutureHub:
         try:
             self._store.finish_future(
                 request_id,
-                result_json=json.dumps(outcome.json) if outcome.json is not None else None,
-                result_proto=outcome.proto,
+                result_json=text,
+                result_proto=blob,
                 error=outcome.error,
                 category=outcome.category,
             )
@@ -118,4 +129,9 @@ class FutureHub:
             return None
         if row.state == "error":
             return Outcome(error=row.error, category=row.category or "unknown")
-        return Outcome(json=json.loads(row.result_json) if row.result_json else None, proto=row.result_proto)
+        if row.result_json is None and row.result_proto is None:
+            return Outcome()
+        try:
+            return Outcome(result=results.load(row.result_json, row.result_proto))
+        except results.PayloadError as e:
+            return Outcome(error=e.message, category="server")

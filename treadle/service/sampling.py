@@ -17,6 +17,7 @@ from treadle.errors import NotFoundError, TreadleError, UserError
 from treadle.service import paths
 from treadle.service.limits import Admission
 from treadle.service.paths import CheckpointRef
+from treadle.service.results import Sampled
 from treadle.service.state import LoadedSampler, ServiceState
 from treadle.store import SamplerRow
 
@@ -141,7 +142,16 @@ class Sampling:
         rid, new = s.hub.create(owner, "sample", f"sample:{sampler_id}:{seq_id}")
         if new:
             s.completions.bind()
-            resolve = s.done(rid, lambda res: s.codec.sample(res, req))
+            resolve = s.done(
+                rid,
+                lambda res: Sampled(
+                    res,
+                    req.topk_sample_logprobs,
+                    req.topk_prompt_logprobs,
+                    req.target_prompt_logprobs,
+                    req.target_prompt_sparse,
+                ),
+            )
 
             def done(outcome: object) -> None:
                 s.sampling.pop(rid, None)

@@ -11,9 +11,9 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, cast
 
-from treadle.engine.types import ForwardBackwardResult, LoraConfig, SampleRequest, SampleResult
+from treadle.engine.types import LoraConfig
 from treadle.engine.worker import Worker, WorkerPool
 from treadle.errors import GoneError, NotFoundError, TreadleError, UserError, require
 from treadle.service.completions import CompletionLog
@@ -21,6 +21,7 @@ from treadle.service.export import UrlSigner
 from treadle.service.futures import FutureHub, Outcome
 from treadle.service.limits import Admission, Limits
 from treadle.service.paths import CheckpointRef
+from treadle.service.results import Result
 from treadle.store import BlobStore, CheckpointRow, MetadataStore, RunRow, SessionRow, utcnow
 
 log = logging.getLogger(__name__)
@@ -28,14 +29,6 @@ log = logging.getLogger(__name__)
 MAX_TTL_S = 10 * 365 * 24 * 3600
 # A run's `last_request_time` is refreshed at most this often.
 TOUCH_INTERVAL_S = 1.0
-
-
-class ResultCodec(Protocol):
-    """How results become future payloads; the API layer supplies it (protobuf lives at the edge)."""
-
-    def forward_backward(self, res: ForwardBackwardResult) -> Outcome: ...
-
-    def sample(self, res: SampleResult, req: SampleRequest) -> Outcome: ...
 
 
 @dataclasses.dataclass
@@ -79,14 +72,12 @@ class ServiceState:
         cfg: ServiceConfig,
         store: MetadataStore,
         pool: WorkerPool,
-        codec: ResultCodec,
         admission: Admission | None = None,
     ) -> None:
         self.cfg = cfg
         self.admission = admission or Admission(Limits())
         self.store = store
         self.pool = pool
-        self.codec = codec
         self.blobs = BlobStore(cfg.data_dir / "checkpoints")
         self.signer = UrlSigner(cfg.data_dir / "url-signing.key")
         self.hub = FutureHub(store)
@@ -97,30 +88,35 @@ class ServiceState:
         # runs whose worker process died, and why: their next op says so (bounded: newest kept)
         self.lost_runs: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.completions = CompletionLog()
-        # Encoding a sample result and persisting it happens here, off the sampler thread, so generation
+        # Storing a sample result's payload and persisting it happens here, off the sampler thread, so generation
         # never waits on the metadata DB.
         self.resolver = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="treadle-resolve"
         )
 
     # ---- futures ---------------------------------------------------------------------------------------
-    def done(self, request_id: str, to_outcome: Callable[[Any], Outcome]) -> Callable[[object], None]:
+    def done(
+        self, request_id: str, to_result: Callable[[Any], Result] | None = None
+    ) -> Callable[[object], None]:
+        """The callback that resolves `request_id` with what an op returned (a domain result, or what
+        `to_result` makes one of) or with the TreadleError it failed with."""
+
         def done(outcome: object) -> None:
             if isinstance(outcome, TreadleError):
                 self.hub.fail(request_id, outcome)
                 return
             try:
-                self.hub.resolve(request_id, to_outcome(outcome))
+                result = to_result(outcome) if to_result is not None else cast(Result, outcome)
             except TreadleError as e:
                 self.hub.fail(request_id, e)
-            except Exception as e:  # an encoding bug must still resolve the future (invariant 4)
-                log.exception("encoding a result failed")
-                self.hub.fail(request_id, TreadleError(f"internal error encoding the result: {e}"))
+                return
+            except Exception as e:  # a bug must still resolve the future (invariant 4)
+                log.exception("building a result failed")
+                self.hub.fail(request_id, TreadleError(f"internal error building the result: {e}"))
+                return
+            self.hub.resolve(request_id, Outcome(result=result))
 
         return done
-
-    def json_done(self, request_id: str) -> Callable[[object], None]:
-        return self.done(request_id, lambda r: Outcome(json=r))
 
     def submit(self, owner: str, kind: str, dedupe: str, submit: Callable[[str], None]) -> str:
         """Create (or find, for a retry) the future, then queue the work; a queueing error fails the future."""
@@ -158,19 +154,17 @@ class ServiceState:
         model_id: str,
         seq_id: int,
         kind: str,
-        call: Callable[[LoadedModel], object],
-        to_outcome: Callable[[Any], Outcome] | None = None,
+        call: Callable[[LoadedModel], Result],
     ) -> str:
         """Queue `call` on the model's worker in seq_id order (protocol: one op per seq_id, retries dedupe)."""
         model = self.model(owner, model_id)
         require(isinstance(seq_id, int) and seq_id >= 1, "seq_id", f"must be an integer ≥ 1, got {seq_id!r}")
         self.touch(model)
-        done_for = (lambda r: self.done(r, to_outcome)) if to_outcome else self.json_done
         return self.submit(
             owner,
             kind,
             f"op:{model_id}:{seq_id}",
-            lambda r: model.worker.submit_call(model_id, seq_id, lambda: call(model), done_for(r)),
+            lambda r: model.worker.submit_call(model_id, seq_id, lambda: call(model), self.done(r)),
         )
 
     # ---- lookups (owner-checked) -----------------------------------------------------------------------

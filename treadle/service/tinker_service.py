@@ -1,5 +1,6 @@
 """The Tinker domain, without HTTP: sessions, training runs, sampling sessions, futures, checkpoints,
-ownership and TTLs. The API layer decodes wire types into the arguments here and encodes what comes back.
+ownership and TTLs. The API layer decodes wire types into the arguments here and encodes what comes back: futures resolve with the
+domain results of `treadle.service.results`, never wire shapes.
 
 `TinkerService` builds the parts and holds them; callers use the part of their concern directly
 (`service.training.forward_backward(...)`, `service.sampling.sample(...)`): each concern lives in its own module
@@ -21,12 +22,12 @@ from treadle.service.reconcile import remove_orphan_checkpoints
 from treadle.service.requests import Requests
 from treadle.service.sampling import Sampling
 from treadle.service.sessions import Sessions
-from treadle.service.state import MAX_TTL_S, ResultCodec, ServiceConfig, ServiceState
+from treadle.service.state import MAX_TTL_S, ServiceConfig, ServiceState
 from treadle.service.training import Training
 from treadle.service.weights import Weights
 from treadle.store import MetadataStore
 
-__all__ = ["MAX_TTL_S", "ResultCodec", "ServiceConfig", "TinkerService"]
+__all__ = ["MAX_TTL_S", "ServiceConfig", "TinkerService"]
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,11 @@ class TinkerService:
         store: MetadataStore,
         pool: WorkerPool,
         auth: Authenticator,
-        codec: ResultCodec,
         limits: Limits | None = None,
     ) -> None:
         self.auth = auth
         self.admission = Admission(limits or Limits())
-        state = ServiceState(cfg, store, pool, codec, self.admission)
+        state = ServiceState(cfg, store, pool, self.admission)
         self._state = state
         self.cfg = state.cfg
         self.store = state.store

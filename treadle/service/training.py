@@ -12,6 +12,7 @@ from treadle.engine.worker import Worker
 from treadle.errors import ConflictError, TreadleError, require
 from treadle.service import paths
 from treadle.service.custom_losses import CustomLosses
+from treadle.service.results import ModelCreated, ModelInfo, Optimized, SamplerSnapshot
 from treadle.service.state import LoadedModel, LoadedSampler, ServiceState
 from treadle.store import SamplerRow
 
@@ -39,37 +40,27 @@ class Training:
         lora.validate(worker.info.max_lora_rank)
         mid = paths.model_id(session_id, model_seq_id)
 
-        def call() -> dict[str, Any]:
+        def call() -> ModelCreated:
             if s.store.get_run(mid) is not None:
                 raise ConflictError(f"model_seq_id: model {mid!r} already exists", field="model_seq_id")
             worker.create_adapter(mid, lora)
             s.register_model(owner, session_id, mid, worker, lora, user_metadata)
-            return {"model_id": mid, "type": "create_model"}
+            return ModelCreated(mid)
 
         rid = s.submit(
             owner,
             "create_model",
             f"create:{mid}",
-            lambda r: worker.submit_call(mid, None, call, s.json_done(r)),
+            lambda r: worker.submit_call(mid, None, call, s.done(r)),
         )
         return rid, mid
 
-    def get_info(self, owner: str, model_id: str) -> dict[str, Any]:
+    def get_info(self, owner: str, model_id: str) -> ModelInfo:
         run = self.s.run(owner, model_id)
-        worker = self.s.pool.get(run.base_model)
-        info = worker.info
-        return {
-            "model_id": model_id,
-            "model_data": {
-                "arch": info.arch,
-                "model_name": info.model_name,
-                "tokenizer_id": info.tokenizer_dir,
-            },
-            "is_lora": True,
-            "lora_rank": run.lora_config.get("rank"),
-            "model_name": info.model_name,
-            "type": "get_info",
-        }
+        info = self.s.pool.get(run.base_model).info
+        return ModelInfo(
+            model_id, info.arch, info.model_name, info.tokenizer_dir, run.lora_config.get("rank")
+        )
 
     def forward_backward(
         self,
@@ -94,7 +85,7 @@ class Training:
             owner,
             "forward_backward",
             f"op:{model_id}:{seq_id}",
-            lambda r: model.worker.submit_fb(model_id, seq_id, req, s.done(r, s.codec.forward_backward)),
+            lambda r: model.worker.submit_fb(model_id, seq_id, req, s.done(r)),
         )
 
     def optim_step(self, owner: str, model_id: str, seq_id: int, params: AdamParams) -> str:
@@ -104,7 +95,7 @@ class Training:
             model_id,
             seq_id,
             "optim_step",
-            lambda m: {"metrics": m.worker.optim_step(model_id, params), "type": "optim_step"},
+            lambda m: Optimized(m.worker.optim_step(model_id, params)),
         )
 
     def save_for_sampler_ephemeral(self, owner: str, model_id: str, seq_id: int, sampling_seq_id: int) -> str:
@@ -112,7 +103,7 @@ class Training:
         model = s.model(owner, model_id)
         sid = paths.sampler_id(model.session_id, sampling_seq_id)
 
-        def call(m: LoadedModel) -> dict[str, Any]:
+        def call(m: LoadedModel) -> SamplerSnapshot:
             m.worker.snapshot_adapter(model_id, sid)
             copies = _copy_to_replicas(m.worker, s.pool.replicas(m.worker.name), sid)
             s.store.add_sampler(SamplerRow(sid, m.session_id, owner, m.worker.name, None, "snapshot"))
@@ -126,7 +117,7 @@ class Training:
                 for w in [m.worker, *copies]:
                     if w.has_adapter(old):
                         w.remove_adapter(old)
-            return {"sampling_session_id": sid, "type": "save_weights_for_sampler"}
+            return SamplerSnapshot(sid)
 
         return s.ordered(owner, model_id, seq_id, "save_weights_for_sampler", call)
 

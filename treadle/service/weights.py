@@ -13,6 +13,7 @@ from treadle.errors import ConflictError, NotFoundError
 from treadle.service import paths
 from treadle.service.export import encrypt_dir
 from treadle.service.paths import CheckpointRef
+from treadle.service.results import ExternalWeightsSaved, WeightsLoaded, WeightsSaved
 from treadle.service.state import LoadedModel, ServiceState
 
 
@@ -36,7 +37,7 @@ class Weights:
         ref = CheckpointRef(model_id, kind, paths.check_name(name))
         expires = s.expiry(ttl_seconds)
 
-        def call(m: LoadedModel) -> dict[str, Any]:
+        def call(m: LoadedModel) -> WeightsSaved:
             if not overwrite and s.store.get_checkpoint(ref.run_id, ref.kind, ref.name) is not None:
                 raise ConflictError(
                     f"path: checkpoint {ref.path!r} already exists; pass overwrite=True", field="path"
@@ -46,10 +47,7 @@ class Weights:
             )
             s.record_checkpoint(owner, ref, expires, user_metadata)
             self._forget_loaded_checkpoint(m.worker, ref)
-            return {
-                "path": ref.path,
-                "type": "save_weights" if kind == "weights" else "save_weights_for_sampler",
-            }
+            return WeightsSaved(ref.path, kind)
 
         return s.ordered(owner, model_id, seq_id, "save_weights", call)
 
@@ -73,7 +71,7 @@ class Weights:
         ref = CheckpointRef(model_id, "external_weights", paths.check_name(name))
         expires = s.expiry(ttl_seconds)
 
-        def call(m: LoadedModel) -> dict[str, Any]:
+        def call(m: LoadedModel) -> ExternalWeightsSaved:
             final = s.blobs.path(ref.run_id, ref.kind, ref.name)
             tmp = final.with_name(f".{ref.name}.tmp-{uuid.uuid4().hex[:8]}")
             plain = tmp.with_name(tmp.name + "-plain")
@@ -88,11 +86,7 @@ class Weights:
                 shutil.rmtree(plain, ignore_errors=True)
                 shutil.rmtree(tmp, ignore_errors=True)
             s.record_checkpoint(owner, ref, expires, {})
-            return {
-                "path": ref.path,
-                "size_bytes": s.blobs.size(ref.run_id, ref.kind, ref.name),
-                "type": "save_weights_external",
-            }
+            return ExternalWeightsSaved(ref.path, s.blobs.size(ref.run_id, ref.kind, ref.name))
 
         return s.ordered(owner, model_id, seq_id, "save_weights_external", call)
 
@@ -119,18 +113,18 @@ class Weights:
         directory = s.blobs.path(ref.run_id, ref.kind, ref.name)
         meta = user_metadata if user_metadata is not None else src.user_metadata
 
-        def call() -> dict[str, Any]:
+        def call() -> WeightsLoaded:
             if s.store.get_run(mid) is not None:
                 raise ConflictError(f"model_seq_id: model {mid!r} already exists", field="model_seq_id")
             lora = worker.load_adapter(mid, directory, optimizer=optimizer)
             s.register_model(owner, session_id, mid, worker, lora, meta)
-            return {"path": path, "model_id": mid, "type": "load_weights"}
+            return WeightsLoaded(path, mid)
 
         rid = s.submit(
             owner,
             "load_weights",
             f"create:{mid}",
-            lambda r: worker.submit_call(mid, None, call, s.json_done(r)),
+            lambda r: worker.submit_call(mid, None, call, s.done(r)),
         )
         return rid, mid
 
@@ -143,10 +137,10 @@ class Weights:
         self.s.check_loadable(owner, ref, optimizer)
         directory = self.s.blobs.path(ref.run_id, ref.kind, ref.name)
 
-        def call(m: LoadedModel) -> dict[str, Any]:
+        def call(m: LoadedModel) -> WeightsLoaded:
             engine = m.worker
             engine.remove_adapter(model_id)
             engine.load_adapter(model_id, directory, optimizer=optimizer)
-            return {"path": path, "model_id": model_id, "type": "load_weights"}
+            return WeightsLoaded(path, model_id)
 
         return self.s.ordered(owner, model_id, seq_id, "load_weights", call)

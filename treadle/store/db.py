@@ -76,6 +76,8 @@ futures_t = sa.Table(
     sa.Column("kind", sa.String(64), nullable=False),
     sa.Column("dedupe_key", sa.String(600), nullable=True, unique=True),
     sa.Column("state", sa.String(16), nullable=False),  # pending | done | error
+    # A done future's payload, in the service's own versioned format (treadle/service/results.py): JSON text for
+    # scalar results, a binary blob for tensor results. ("result_proto" is the historical column name.)
     sa.Column("result_json", sa.Text, nullable=True),
     sa.Column("result_proto", sa.LargeBinary, nullable=True),
     sa.Column("error", sa.Text, nullable=True),

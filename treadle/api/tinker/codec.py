@@ -1,5 +1,6 @@
 """Wire ↔ internal conversion: the two protobuf payloads (protocol §8), using the SDK's own schema
-(`tinker.proto.tinker_public_pb2`) so it is never re-declared here, and the JSON sampling params."""
+(`tinker.proto.tinker_public_pb2`) so it is never re-declared here, the JSON sampling params, and `to_wire`,
+which turns a future's domain result (`treadle.service.results`) into the body the SDK expects."""
 
 from __future__ import annotations
 
@@ -17,16 +18,18 @@ from treadle.engine.types import (
     ForwardBackwardRequest,
     ForwardBackwardResult,
     ImageInput,
-    SampleRequest,
-    SampleResult,
     SamplingParams,
 )
 from treadle.errors import UserError, require
-from treadle.service.futures import Outcome
+from treadle.service import results
+from treadle.service.results import Result, Sampled
 
 _NP_DTYPE = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
 _TORCH_OUT = {torch.float32: pb.DTYPE_FLOAT32, torch.int64: pb.DTYPE_INT64, torch.int32: pb.DTYPE_INT32}
 EMPTY_TOPK_LOGPROB = -99999.0  # protocol §6.2: empty top-k slots are token 0 / −99999
+# Results above this many elements are encoded on a thread: a few ms of work would otherwise hold every other
+# request on the event loop (below it, the thread hop costs more than the encoding).
+HEAVY_ELEMENTS = 16_384
 
 
 def decode_forward_backward(body: bytes) -> tuple[str, int, ForwardBackwardRequest]:
@@ -125,7 +128,53 @@ def _tensor(t: pb.Tensor, field: str) -> torch.Tensor:
     return out.to(torch.int64) if out.dtype == torch.int32 else out
 
 
-def encode_forward_backward(res: ForwardBackwardResult) -> Outcome:
+def to_wire(result: Result) -> bytes | dict[str, Any]:
+    """Protobuf bytes for forward_backward and sample results (protocol §8), else the JSON body with its
+    `type`; the same result always gives the same bytes, whether it comes from memory or the store."""
+    match result:
+        case ForwardBackwardResult():
+            return encode_forward_backward(result)
+        case Sampled():
+            return encode_sample(result)
+        case results.ModelCreated(model_id=mid):
+            return {"model_id": mid, "type": "create_model"}
+        case results.Optimized(metrics=metrics):
+            return {"metrics": metrics, "type": "optim_step"}
+        case results.WeightsSaved(path=path, kind=kind):
+            return {"path": path, "type": "save_weights" if kind == "weights" else "save_weights_for_sampler"}
+        case results.ExternalWeightsSaved(path=path, size_bytes=size):
+            return {"path": path, "size_bytes": size, "type": "save_weights_external"}
+        case results.WeightsLoaded(path=path, model_id=mid):
+            return {"path": path, "model_id": mid, "type": "load_weights"}
+        case results.SamplerSnapshot(sampling_session_id=sid):
+            return {"sampling_session_id": sid, "type": "save_weights_for_sampler"}
+        case results.CustomLossCreated(loss_id=loss_id):
+            return {"loss_id": loss_id, "type": "create_custom_loss"}
+    raise TypeError(f"no wire form for {type(result).__name__}")
+
+
+def model_info(info: results.ModelInfo) -> dict[str, Any]:
+    """`get_info`'s answer (the SDK's GetInfoResponse)."""
+    return {
+        "model_id": info.model_id,
+        "model_data": {"arch": info.arch, "model_name": info.model_name, "tokenizer_id": info.tokenizer_dir},
+        "is_lora": True,
+        "lora_rank": info.lora_rank,
+        "model_name": info.model_name,
+        "type": "get_info",
+    }
+
+
+def is_heavy(result: Result) -> bool:
+    """Whether encoding `result` is worth a thread hop off the event loop (big tensors or many tokens)."""
+    if isinstance(result, ForwardBackwardResult):
+        return sum(t.numel() for d in result.loss_fn_outputs for t in d.values()) > HEAVY_ELEMENTS
+    if isinstance(result, Sampled):
+        return sum(len(s.tokens) for s in result.result.sequences) > HEAVY_ELEMENTS
+    return False
+
+
+def encode_forward_backward(res: ForwardBackwardResult) -> bytes:
     out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
     for k, v in res.metrics.items():
         out.metrics[k] = float(v)
@@ -143,7 +192,8 @@ def encode_forward_backward(res: ForwardBackwardResult) -> Outcome:
             bt.offsets = np.array([0, len(data)], dtype=np.int64).tobytes()
             bt.dtype = _TORCH_OUT[t.dtype]
             bt.trailing_shape.extend(list(t.shape[1:]))
-    return Outcome(proto=out.SerializeToString())
+    # deterministic: map entries (metrics, fields) in key order, so the same result is always the same bytes
+    return out.SerializeToString(deterministic=True)
 
 
 def target_ids(raw: object) -> torch.Tensor | None:
@@ -222,24 +272,25 @@ def _topk_matrix(rows: list[list[tuple[int, float]]], k: int, out: pb.TopkLogpro
     out.length = n
 
 
-def encode_sample(res: SampleResult, req: SampleRequest) -> Outcome:
+def encode_sample(sampled: Sampled) -> bytes:
+    res = sampled.result
     out = pb.SampleResponse(prompt_cache_hit_tokens=int(res.prompt_cache_hit_tokens))
     for s in res.sequences:
         seq = out.sequences.add()
         seq.stop_reason = pb.STOP_REASON_STOP if s.stop_reason == "stop" else pb.STOP_REASON_LENGTH
         seq.tokens = np.asarray(s.tokens, dtype=np.int32).tobytes()
         seq.logprobs = np.asarray(s.logprobs, dtype=np.float32).tobytes()
-        if req.topk_sample_logprobs > 0 and s.topk_logprobs is not None:
-            _topk_matrix(s.topk_logprobs, req.topk_sample_logprobs, seq.topk_sampled_logprobs)
+        if sampled.topk_sample_logprobs > 0 and s.topk_logprobs is not None:
+            _topk_matrix(s.topk_logprobs, sampled.topk_sample_logprobs, seq.topk_sampled_logprobs)
     if res.prompt_logprobs is not None:
         lp = np.asarray([math.nan if v is None else v for v in res.prompt_logprobs], dtype=np.float32)
         out.prompt_logprobs = lp.tobytes()
-    k = req.topk_prompt_logprobs
+    k = sampled.topk_prompt_logprobs
     if k > 0 and res.topk_prompt_logprobs is not None:
         _topk_matrix(res.topk_prompt_logprobs, k, out.topk_prompt_logprobs)
     if res.target_prompt_logprobs is not None:
-        ids = req.target_prompt_logprobs
-        if req.target_prompt_sparse and ids is not None:
+        ids = sampled.target_ids
+        if sampled.target_sparse and ids is not None:
             out.target_prompt_logprobs.CopyFrom(_sparse_like(res.target_prompt_logprobs, ids))
         else:
             out.target_prompt_logprobs.CopyFrom(_dense(res.target_prompt_logprobs, pb.DTYPE_FLOAT32))
@@ -247,17 +298,7 @@ def encode_sample(res: SampleResult, req: SampleRequest) -> Outcome:
         ids_t, lps_t = res.prompt_alt_tokens
         out.prompt_alt_tokens.tokens.CopyFrom(_dense(ids_t, pb.DTYPE_INT64))
         out.prompt_alt_tokens.logprobs.CopyFrom(_dense(lps_t, pb.DTYPE_FLOAT32))
-    return Outcome(proto=out.SerializeToString())
-
-
-class ProtoCodec:
-    """The `ResultCodec` the service uses to encode results as the SDK expects them."""
-
-    def forward_backward(self, res: ForwardBackwardResult) -> Outcome:
-        return encode_forward_backward(res)
-
-    def sample(self, res: SampleResult, req: SampleRequest) -> Outcome:
-        return encode_sample(res, req)
+    return out.SerializeToString(deterministic=True)
 
 
 def sampling_params(raw: dict[str, Any]) -> SamplingParams:

@@ -4,14 +4,19 @@ cancel a request.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from treadle.api.tinker.codec import is_heavy, to_wire
 from treadle.api.tinker.routes.wire import Fields, fields, owner
 from treadle.errors import UserError
 from treadle.service.tinker_service import TinkerService
+
+log = logging.getLogger(__name__)
 
 
 def add_routes(r: APIRouter, service: TinkerService) -> None:
@@ -30,9 +35,17 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
             return JSONResponse(body, status_code=408)
         if outcome.error is not None:
             return JSONResponse({"error": outcome.error, "category": outcome.category or "unknown"})
-        if outcome.proto is not None:
-            return Response(outcome.proto, media_type="application/x-protobuf")
-        return JSONResponse(outcome.json or {})
+        if outcome.result is None:
+            return JSONResponse({})
+        result = outcome.result
+        try:
+            wire = await asyncio.to_thread(to_wire, result) if is_heavy(result) else to_wire(result)
+        except Exception as e:  # an encoding bug fails this future with a server error, not a retried 500
+            log.exception("encoding the result of %s failed", rid)
+            return JSONResponse({"error": f"internal error encoding the result: {e}", "category": "server"})
+        if isinstance(wire, bytes):
+            return Response(wire, media_type="application/x-protobuf")
+        return JSONResponse(wire)
 
     @r.post("/retrieve_futures")
     async def retrieve_futures(request: Request) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def add_routes(r: APIRouter, service: TinkerService) -> None:
     @r.post("/get_info")
     async def get_info(request: Request) -> dict[str, Any]:
         who, f = owner(service, request), await fields(request)
-        return service.training.get_info(who, f.get("model_id", str))
+        return codec.model_info(service.training.get_info(who, f.get("model_id", str)))
 
     @r.post("/forward_backward")
     async def forward_backward(request: Request) -> dict[str, Any]:
