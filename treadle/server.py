@@ -160,6 +160,12 @@ def build_service(cfg: ServerConfig) -> Any:
     ]
     log.info("starting %s (%s placement) …", ", ".join(names), cfg.placement)
     pool = build_pool(specs, cfg.placement, replicas=cfg.replicas, ray_address=cfg.ray_address)
+    if cfg.placement != "inprocess":
+        # The engines compute elsewhere: the few tensor ops here (decoding requests, encoding results) get one
+        # thread, so this process keeps no OpenMP team of its own competing with the workers' for the cores.
+        import torch
+
+        torch.set_num_threads(1)
     store = MetadataStore(cfg.db_url or f"sqlite:///{cfg.data_dir / 'treadle.db'}")
     scfg = ServiceConfig(
         data_dir=cfg.data_dir,
