@@ -112,17 +112,7 @@ class ShardedEngine(Engine):
         try:
             self._spawn(spec, port)
             self._join(port)
-            super().__init__(
-                spec.model,
-                dtype=spec.dtype,
-                device=self._device,
-                deterministic=spec.deterministic,
-                max_lora_rank=spec.max_lora_rank,
-                max_batch_size=spec.max_batch_size,
-                kv_cache_mb=spec.kv_cache_mb,
-                compute=compute,
-                prefix_retention=spec.prefix_retention,
-            )
+            super().__init__(spec.model, compute=compute, **{**spec.engine_kwargs(), "device": self._device})
         except BaseException:
             self._stop_followers(ask=False)
             if dist.is_initialized():

@@ -51,6 +51,18 @@ class EngineSpec:
     # alone with an out-of-memory error instead of the kernel killing the process. None: no limit.
     memory_headroom_mb: float | None = None
 
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The `Engine(model, **kwargs)` settings this spec describes (device may be overridden per rank)."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "deterministic": self.deterministic,
+            "max_lora_rank": self.max_lora_rank,
+            "max_batch_size": self.max_batch_size,
+            "kv_cache_mb": self.kv_cache_mb,
+            "prefix_retention": self.prefix_retention,
+        }
+
 
 class WorkerLostError(TreadleError):
     """The process that ran an engine died (killed, crashed, out of memory) with this request in it."""

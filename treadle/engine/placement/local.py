@@ -25,14 +25,4 @@ def make_engine(spec: EngineSpec, compute: ComputeThread | None = None) -> Engin
         from treadle.engine.sharded import ShardedEngine
 
         return ShardedEngine(spec, compute)
-    return Engine(
-        spec.model,
-        dtype=spec.dtype,
-        device=spec.device,
-        deterministic=spec.deterministic,
-        max_lora_rank=spec.max_lora_rank,
-        max_batch_size=spec.max_batch_size,
-        kv_cache_mb=spec.kv_cache_mb,
-        compute=compute,
-        prefix_retention=spec.prefix_retention,
-    )
+    return Engine(spec.model, compute=compute, **spec.engine_kwargs())

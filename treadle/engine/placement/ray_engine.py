@@ -64,7 +64,7 @@ import ray
 import ray.exceptions
 
 from treadle.engine.placement.api import EngineSpec, WorkerLostError
-from treadle.engine.placement.remote import RemoteEngine
+from treadle.engine.placement.remote import Pending, RemoteEngine
 from treadle.engine.placement.wire import ErrorFields, pack_error, unpack_error
 from treadle.engine.types import ForwardBackwardRequest, LoraConfig, SampleRequest, SampleResult
 from treadle.errors import TreadleError
@@ -265,14 +265,6 @@ def _actor_class() -> Any:
 
 
 # ---- the caller's side --------------------------------------------------------------------------------------------
-class _Pending:
-    __slots__ = ("future", "on_token")
-
-    def __init__(self, future: concurrent.futures.Future[Any], on_token: TokenCallback | None) -> None:
-        self.future = future
-        self.on_token = on_token
-
-
 def _describe_death(e: BaseException) -> str:
     """Ray's multi-paragraph report → one line: what happened to the process, as Ray saw it."""
     text = str(e)
@@ -309,7 +301,6 @@ class RayEngine(RemoteEngine):
         self._env = dict(env or {})
         self._restart = restart
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
         self._lost: str | None = None  # why the current actor is unusable (None: it is serving)
         self._closing = False
         self._lost_handler: Callable[[str], None] | None = None
@@ -403,27 +394,7 @@ class RayEngine(RemoteEngine):
                 time.sleep(0.5)
                 continue
             for ev in events:
-                self._dispatch(ev)
-
-    def _dispatch(self, ev: tuple[Any, ...]) -> None:
-        kind, sid = ev[0], ev[1]
-        if kind == "tok":
-            with self._lock:
-                p = self._pending.get(sid)
-            if p is not None and p.on_token is not None:
-                try:
-                    p.on_token(ev[2], ev[3], ev[4])
-                except Exception:
-                    log.exception("token callback failed")
-            return
-        with self._lock:
-            p = self._pending.pop(sid, None)
-        if p is None or p.future.done():
-            return
-        if kind == "ok":
-            p.future.set_result(ev[2])
-        else:
-            p.future.set_exception(unpack_error(ev[2]))
+                self._deliver(ev)
 
     def _died(self, actor: Any, e: BaseException) -> str:
         """Handle `actor`'s death once (the drain and the calls in flight all see it): fail what was pending,
@@ -545,7 +516,7 @@ class RayEngine(RemoteEngine):
                 raise WorkerLostError(self._lost or f"worker for {self.label}: not running")
             actor = self._actor
             sid = next(self._ids)
-            self._pending[sid] = _Pending(fut, on_token)
+            self._pending[sid] = Pending(fut, on_token)
         actor.sample.remote(sid, req, on_token is not None)  # answered through the drain
 
         def cancelled(f: concurrent.futures.Future[SampleResult]) -> None:

@@ -6,16 +6,33 @@ adapter and optimizer calls, which are plain remote calls. A placement supplies 
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from treadle.engine.placement.api import EngineSpec
+from treadle.engine.placement.wire import unpack_error
 from treadle.engine.types import AdamParams, LoraConfig
 
 if TYPE_CHECKING:
     from treadle.engine.engine import EngineInfo
+    from treadle.engine.sampler import TokenCallback
     from treadle.engine.vision_input import ImageExpander
+
+
+log = logging.getLogger(__name__)
+
+
+class Pending:
+    """A call or sample in flight in the engine's process: its future, and where its streamed tokens go."""
+
+    __slots__ = ("future", "on_token")
+
+    def __init__(self, future: concurrent.futures.Future[Any], on_token: TokenCallback | None) -> None:
+        self.future = future
+        self.on_token = on_token
 
 
 class RemoteEngine:
@@ -29,10 +46,33 @@ class RemoteEngine:
         self._tokenizer: Any = None
         self._images: ImageExpander | None = None
         self._info: EngineInfo | None = None
+        self._pending: dict[int, Pending] = {}  # by request id, guarded by _lock
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run `Engine.<method>(*args, **kwargs)` in the engine's process and return its result (or raise)."""
         raise NotImplementedError
+
+    def _deliver(self, msg: tuple[Any, ...]) -> None:
+        """One answer from the engine's process: ("tok", id, i, token, logprob) streams a token;
+        ("ok", id, result) / ("err", id, error fields) resolves that id's future."""
+        kind, rid = msg[0], msg[1]
+        if kind == "tok":
+            with self._lock:
+                p = self._pending.get(rid)
+            if p is not None and p.on_token is not None:
+                try:
+                    p.on_token(msg[2], msg[3], msg[4])
+                except Exception:
+                    log.exception("token callback failed")
+            return
+        with self._lock:
+            p = self._pending.pop(rid, None)
+        if p is None or p.future.done():
+            return
+        if kind == "ok":
+            p.future.set_result(msg[2])
+        else:
+            p.future.set_exception(unpack_error(msg[2]))
 
     def _local_model_dir(self) -> Path:
         """The model's files (config, tokenizer, processor) as this process can read them."""

@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from treadle.engine.placement.api import EngineSpec, WorkerLostError
-from treadle.engine.placement.remote import RemoteEngine
+from treadle.engine.placement.remote import Pending, RemoteEngine
 from treadle.engine.placement.wire import recv as _recv
 from treadle.engine.placement.wire import send as _send
 from treadle.engine.placement.wire import unpack_error
@@ -48,14 +48,6 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0  # loading a large model from disk can take minutes
 HEALTH_TIMEOUT_S = 5.0
-
-
-class _Pending:
-    __slots__ = ("future", "on_token")
-
-    def __init__(self, future: concurrent.futures.Future[Any], on_token: TokenCallback | None) -> None:
-        self.future = future
-        self.on_token = on_token
 
 
 def _describe_exit(code: int | None) -> str:
@@ -84,7 +76,6 @@ class SubprocessEngine(RemoteEngine):
         self._restart = restart
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
-        self._pending: dict[int, _Pending] = {}
         self._lost: str | None = None  # why the current child is unusable (None: it is serving)
         self._closing = False
         self._lost_handler: Callable[[str], None] | None = None
@@ -174,24 +165,7 @@ class SubprocessEngine(RemoteEngine):
                 msg = _recv(conn)
             except (EOFError, OSError):
                 break
-            kind, rid = msg[0], msg[1]
-            if kind == "tok":
-                with self._lock:
-                    p = self._pending.get(rid)
-                if p is not None and p.on_token is not None:
-                    try:
-                        p.on_token(msg[2], msg[3], msg[4])
-                    except Exception:
-                        log.exception("token callback failed")
-                continue
-            with self._lock:
-                p = self._pending.pop(rid, None)
-            if p is None or p.future.done():
-                continue
-            if kind == "ok":
-                p.future.set_result(msg[2])
-            else:
-                p.future.set_exception(unpack_error(msg[2]))
+            self._deliver(msg)
         self._on_exit(proc)
 
     def _on_exit(self, proc: subprocess.Popen[bytes]) -> None:
@@ -249,7 +223,7 @@ class SubprocessEngine(RemoteEngine):
                 raise WorkerLostError(self._lost or f"worker for {self.label}: not running")
             conn = self._conn
             rid = next(self._ids)
-            self._pending[rid] = _Pending(fut, on_token)
+            self._pending[rid] = Pending(fut, on_token)
         try:
             with self._send_lock:
                 _send(conn, msg_for(rid))
