@@ -52,12 +52,17 @@ _Out = tuple[torch.Tensor, dict[str, float]]  # (elementwise loss with grad, ext
 _LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], _Out]
 
 
+_Support = Callable[[Mapping[str, torch.Tensor]], torch.Tensor | None]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     required: tuple[str, ...]
     optional: tuple[str, ...]
     defaults: Mapping[str, float]  # the allowed loss_fn_config keys and their defaults
     fn: _LossFn  # (target_logprobs, inputs, config) -> (elementwise loss with grad, extra metrics)
+    # (inputs) -> (N,) bool: the positions whose gradient can be non-zero whatever the log-probs are; None = any
+    support: _Support
 
 
 # ---------------------------------------------------------------------------------------------------- the losses
@@ -140,13 +145,31 @@ def _thresholds(
     return low.detach(), high.detach()
 
 
+def _weighted(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """cross_entropy's gradient at a position is -weight · d lp: zero wherever every weight is zero."""
+    if "weights" not in inputs:
+        return None
+    w = inputs["weights"] != 0
+    return w if w.dim() == 1 else w.any(dim=-1)
+
+
+def _advantaged(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The policy-gradient losses scale each position's gradient by its advantage (the prompt's is 0)."""
+    return inputs["advantages"] != 0
+
+
+def _anywhere(_: Mapping[str, torch.Tensor]) -> None:
+    """dro's quadratic penalty pulls every position whose log-prob differs from the sampler's."""
+    return None
+
+
 _SPECS: dict[str, _Spec] = {
-    "cross_entropy": _Spec(("target_tokens",), ("weights",), {}, _cross_entropy),
-    "importance_sampling": _Spec(_RL_INPUTS, (), {}, _importance_sampling),
-    "ppo": _Spec(_RL_INPUTS, _CLIP_INPUTS, _CLIP_DEFAULTS, _ppo),
-    "cispo": _Spec(_RL_INPUTS, _CLIP_INPUTS, _CLIP_DEFAULTS, _cispo),
-    "dro": _Spec(_RL_INPUTS, (), _DRO_DEFAULTS, _dro),
-    "gspo": _Spec(_RL_INPUTS, (*_CLIP_INPUTS, "sequence_ratio_mask"), _CLIP_DEFAULTS, _gspo),
+    "cross_entropy": _Spec(("target_tokens",), ("weights",), {}, _cross_entropy, _weighted),
+    "importance_sampling": _Spec(_RL_INPUTS, (), {}, _importance_sampling, _advantaged),
+    "ppo": _Spec(_RL_INPUTS, _CLIP_INPUTS, _CLIP_DEFAULTS, _ppo, _advantaged),
+    "cispo": _Spec(_RL_INPUTS, _CLIP_INPUTS, _CLIP_DEFAULTS, _cispo, _advantaged),
+    "dro": _Spec(_RL_INPUTS, (), _DRO_DEFAULTS, _dro, _anywhere),
+    "gspo": _Spec(_RL_INPUTS, (*_CLIP_INPUTS, "sequence_ratio_mask"), _CLIP_DEFAULTS, _gspo, _advantaged),
 }
 assert tuple(_SPECS) == LOSS_NAMES
 
@@ -282,6 +305,14 @@ def validate(
 
 
 # ---------------------------------------------------------------------------------------------------- compute
+
+
+def gradient_support(loss_fn: str, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """(N,) bool: the positions where this datum's loss can have a non-zero gradient with respect to the target
+    log-probs, whatever their values (zero weight or zero advantage: the prompt of an RL datum, the unweighted
+    tokens of an SFT one); None when any position can. The trainer backpropagates through the unembedding only
+    there, so this must never miss a position that has a gradient (a superset is always safe)."""
+    return _spec(loss_fn).support(inputs)
 
 
 def compute(

@@ -69,6 +69,52 @@ def _targets_B_T_K(row_inputs: list[dict[str, torch.Tensor]], T: int, device: to
     return out
 
 
+def _target_logprobs(
+    model: CausalLM,
+    bank: AdapterBank,
+    mb: list[_Row],
+    requests: list[ForwardBackwardRequest],
+    row_inputs: list[dict[str, torch.Tensor]],
+    hidden_B_T_D: torch.Tensor,
+    targets_B_T_K: torch.Tensor,
+    train_ids: set[str],
+) -> torch.Tensor:
+    """(B, T, K) target log-probs of every real position, with an autograd graph only where the loss can have a
+    gradient (`losses.gradient_support`).
+
+    The unembedding (hidden → vocabulary logits, then a log-softmax over the vocabulary) is the largest matmul
+    of a small model and, with a 49k vocabulary, the largest tensors of a pass. Most positions of an RL datum
+    (the prompt, the tool and environment replies: advantage 0) and of a masked SFT datum (weight 0) cannot
+    receive a gradient, and forward-only rows never do; they are unembedded without autograd, so backward costs
+    the unembedding only at the positions that train, and padding is not unembedded at all. Each position is
+    unembedded once either way; positions become rows of a (P, 1, D) batch, still grouped by adapter, so the
+    batch-invariant mode computes every value bitwise as the whole-row pass would. Both lm_head calls happen
+    even when one is empty, so every rank of a sharded engine runs the same passes.
+    """
+    device = hidden_B_T_D.device
+    B, T, K = targets_B_T_K.shape
+    real_B_T = torch.zeros(B, T, dtype=torch.bool, device=device)
+    grad_B_T = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for b, r in enumerate(mb):
+        n = int(r.datum.tokens.numel())
+        real_B_T[b, :n] = True
+        if r.forward_only or r.adapter_id not in train_ids:
+            continue
+        req = requests[r.request]
+        support = None if req.custom_loss is not None else losses.gradient_support(req.loss_fn, row_inputs[b])
+        grad_B_T[b, :n] = True if support is None else support.to(device)
+    lp_B_T_K = torch.zeros(B, T, K, dtype=torch.float32, device=device)
+    for with_grad in (False, True):
+        b_P, t_P = (real_B_T & (grad_B_T == with_grad)).nonzero(as_tuple=True)
+        ids = [mb[b].adapter_id for b in b_P.tolist()]
+        with torch.set_grad_enabled(with_grad):
+            hook = bank.hook(ids, train_ids=train_ids if with_grad else ())
+            hidden_P_1_D = hidden_B_T_D[b_P, t_P].unsqueeze(1)
+            lp_P_K = model.logprobs(hidden_P_1_D, hook)[:, 0].gather(-1, targets_B_T_K[b_P, t_P])
+        lp_B_T_K = lp_B_T_K.index_put((b_P, t_P), lp_P_K)
+    return lp_B_T_K
+
+
 def _run_microbatch(
     model: CausalLM, bank: AdapterBank, mb: list[_Row], requests: list[ForwardBackwardRequest]
 ) -> list[tuple[_Row, torch.Tensor, losses.LossOutput]]:
@@ -85,15 +131,20 @@ def _run_microbatch(
     train_ids = {r.adapter_id for r in mb if r.adapter_id is not None and not r.forward_only}
     hook = bank.hook([r.adapter_id for r in mb], train_ids=train_ids)
     out: list[tuple[_Row, torch.Tensor, losses.LossOutput]] = []
+    row_inputs = [{k: v.to(device) for k, v in r.datum.loss_fn_inputs.items()} for r in mb]
+    targets_B_T_K = _targets_B_T_K(row_inputs, T, device)
     with torch.set_grad_enabled(bool(train_ids)):
         # image rows (vision models): the model fills each row's image placeholders with vision features
         spans = [r.datum.spans for r in mb]
         images = {"images": spans} if any(spans) else {}
-        logprobs_B_T_V = model.logprobs(model(tokens_B_T, lora=hook, **images), hook)
-        row_inputs = [{k: v.to(device) for k, v in r.datum.loss_fn_inputs.items()} for r in mb]
-        # One gather for the whole micro-batch: its backward is one scatter into (B, T, V) instead of
-        # one full-size zero tensor per row.
-        lp_B_T_K = logprobs_B_T_V.gather(-1, _targets_B_T_K(row_inputs, T, device))
+        hidden_B_T_D = model(tokens_B_T, lora=hook, **images)
+        if train_ids:
+            lp_B_T_K = _target_logprobs(
+                model, bank, mb, requests, row_inputs, hidden_B_T_D, targets_B_T_K, train_ids
+            )
+        else:
+            # One gather for the whole micro-batch (forward only: no graph).
+            lp_B_T_K = model.logprobs(hidden_B_T_D, hook).gather(-1, targets_B_T_K)
         total: torch.Tensor | None = None
         for b, r in enumerate(mb):
             req = requests[r.request]
@@ -108,6 +159,8 @@ def _run_microbatch(
                 total = loss.loss if total is None else total + loss.loss
         if total is not None and total.requires_grad:
             total.backward()
+        for aid in train_ids:  # rows whose loss had no gradient left the unembedding out of the graph
+            bank.ensure_grad(aid, "lm_head")
     return out
 
 

@@ -116,6 +116,17 @@ class AdapterBank:
     def has_grad(self, adapter_id: str) -> bool:
         return any(p.grad is not None for _, p in self._get(adapter_id).named_parameters())
 
+    def ensure_grad(self, adapter_id: str, key: str) -> None:
+        """Give `key`'s A/B tensors a zero gradient where none has accumulated: what a backward that routed the
+        adapter's rows through `key` with a zero gradient leaves (AdamW then decays their moments, as it does
+        for every tensor the pass used)."""
+        pair = self._get(adapter_id).weights.get(key)
+        if pair is None:
+            return
+        for p in (pair.a_R_In, pair.b_Out_R):
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
     def zero_grad(self, adapter_id: str) -> None:
         for _, p in self._get(adapter_id).named_parameters():
             p.grad = None

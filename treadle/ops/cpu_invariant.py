@@ -44,8 +44,8 @@ def _pad_rows(x_M_K: torch.Tensor) -> torch.Tensor:
 def rows_matmul(x_M_K: torch.Tensor, b_K_N: torch.Tensor) -> torch.Tensor:
     """x @ b where each row's result is independent of M and of the row's position."""
     M = x_M_K.shape[0]
-    if M == 0:
-        return x_M_K.new_empty(0, b_K_N.shape[1])
+    if M == 0:  # nothing to keep invariant; torch.mm keeps the (empty) result in the autograd graph
+        return torch.mm(x_M_K, b_K_N)
     x_M_K = x_M_K.contiguous()
     outs = []
     for start in range(0, M, ROW_CHUNK):
@@ -64,8 +64,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def bmm(a_B_M_K: torch.Tensor, b_B_K_N: torch.Tensor) -> torch.Tensor:
     """Batched matmul; rows padded like `rows_matmul` so every matrix product has aligned M."""
     M = a_B_M_K.shape[1]
-    if M == 0 or a_B_M_K.shape[0] == 0:
-        return a_B_M_K.new_empty(a_B_M_K.shape[0], M, b_B_K_N.shape[2])
+    if M == 0 or a_B_M_K.shape[0] == 0:  # as rows_matmul: an empty result stays in the graph
+        return torch.bmm(a_B_M_K, b_B_K_N)
     outs = []
     for start in range(0, M, ROW_CHUNK):
         blk = a_B_M_K[:, start : start + ROW_CHUNK]
