@@ -1,4 +1,4 @@
-"""Sampling math without a model: seeds, temperature / top-k / top-p filtering, the exponential race, stops."""
+"""Sampling math without a model: seeds, temperature / top-k / top-p filtering, inverse-CDF draws, stops."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import torch
 
 from treadle.engine.sampling import (
     StopCriteria,
-    draw_exponential,
+    draw_uniform,
     filter_logits,
-    gumbel_argmax,
+    inverse_cdf,
     make_generator,
     sample_seed,
     sample_tokens,
@@ -23,11 +23,10 @@ def test_sample_seeds_are_deterministic_and_distinct() -> None:
     assert all(0 <= s < 2**63 for s in seeds)
 
 
-def test_row_noise_does_not_depend_on_batch() -> None:
-    alone = draw_exponential([make_generator(5, 1)], 50, torch.device("cpu"))
-    batch = draw_exponential(
-        [make_generator(9, 0), make_generator(5, 1), make_generator(5, 2)], 50, torch.device("cpu")
-    )
+def test_row_draws_do_not_depend_on_batch() -> None:
+    cpu = torch.device("cpu")
+    alone = draw_uniform([make_generator(5, 1)], cpu)
+    batch = draw_uniform([make_generator(9, 0), make_generator(5, 1), make_generator(5, 2)], cpu)
     assert torch.equal(alone[0], batch[1])
     assert not torch.equal(batch[1], batch[2])
 
@@ -61,14 +60,31 @@ def test_temperature_scales_logits() -> None:
     assert torch.allclose(out, logits / 0.5)
 
 
-def test_exponential_race_draws_from_softmax() -> None:
-    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
-    g = make_generator(0, 0)
+def test_inverse_cdf_draws_from_softmax_and_never_a_masked_token() -> None:
+    probs = torch.tensor([0.6, 0.0, 0.25, 0.1, 0.05, 0.0])
+    logits = probs.log()  # zero probability: -inf, as filter_logits masks
     n = 20000
-    noise = torch.stack([torch.empty(4).exponential_(generator=g) for _ in range(n)])
-    draws = gumbel_argmax(probs.log().expand(n, 4), noise)
-    freq = torch.bincount(draws, minlength=4).float() / n
+    g = make_generator(0, 0)
+    u = torch.cat([draw_uniform([g], torch.device("cpu")) for _ in range(n)])
+    draws = inverse_cdf(logits.expand(n, 6), u)
+    freq = torch.bincount(draws, minlength=6).float() / n
     assert torch.allclose(freq, probs, atol=0.015), freq
+    assert freq[1] == 0 and freq[5] == 0
+    # the extremes of U[0, 1): the first token with mass, and never past the last one with mass
+    edges = inverse_cdf(logits.expand(2, 6), torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64))
+    assert edges.tolist() == [0, 4]
+
+
+def test_inverse_cdf_keeps_the_tail_of_a_large_vocabulary() -> None:
+    """A float32 running sum over 49k entries would drift by more than a tail token's mass; float64 does not."""
+    V = 49152
+    logits = torch.zeros(V)
+    logits[0] = 12.0  # one dominant token (about 80 % of the mass), a long flat tail
+    probs = torch.softmax(logits.double(), -1)
+    u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000  # stratified: the draws' CDF is exact to 1e-3
+    draws = inverse_cdf(logits.expand(1000, V), u)
+    assert abs(float((draws == 0).double().mean()) - float(probs[0])) < 2e-3
+    assert bool((draws < V).all())
 
 
 def test_sample_tokens_greedy_rows_and_batch_independence() -> None:

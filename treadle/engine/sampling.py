@@ -1,4 +1,4 @@
-"""Pure sampling math: per-sample generators, temperature / top-k / top-p filtering, Gumbel-max draws, stops.
+"""Pure sampling math: per-sample generators, temperature / top-k / top-p filtering, inverse-CDF draws, stops.
 
 Everything here works on token ids and logits only (no model, no tokenizer), so it tests without a model.
 """
@@ -25,13 +25,10 @@ def make_generator(seed: int, index: int, device: torch.device | str = "cpu") ->
     return g
 
 
-def draw_exponential(
-    generators: Sequence[torch.Generator], vocab_size: int, device: torch.device
-) -> torch.Tensor:
-    """(B, V) Exp(1) noise, row b drawn from generator b. Every row draws exactly V numbers per call, so a
+def draw_uniform(generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    """(B,) float64 U[0, 1) draws, row b from generator b. Every row draws exactly one number per call, so a
     sample's stream is the same whether it runs alone or in any batch."""
-    rows = [torch.empty(vocab_size, device=device).exponential_(generator=g) for g in generators]
-    return torch.stack(rows)
+    return torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=device) for g in generators])
 
 
 def filter_logits(
@@ -60,9 +57,21 @@ def filter_logits(
     return scaled_B_V.masked_fill(~mask_B_V, float("-inf"))
 
 
-def gumbel_argmax(filtered_B_V: torch.Tensor, exp_noise_B_V: torch.Tensor) -> torch.Tensor:
-    """Exponential-race sampling: argmax(p / E) = argmax(logit - log E) draws from softmax(logits) exactly."""
-    return (filtered_B_V - exp_noise_B_V.log()).argmax(dim=-1)
+def inverse_cdf(filtered_B_V: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
+    """(B,) draws from softmax(filtered) by inversion: the first token whose cumulative probability exceeds
+    u · total. One random number per row (the exponential race needed one per vocabulary entry, most of a small
+    model's decode step). The cumulative sum is in float64, so even the vocabulary's tail keeps its mass; a
+    masked (-inf) token has probability 0 and is never drawn."""
+    probs_B_V = torch.softmax(filtered_B_V.double(), dim=-1)
+    cdf_B_V = probs_B_V.cumsum(dim=-1)
+    x_B = uniform_B.to(cdf_B_V.device) * cdf_B_V[:, -1]
+    idx_B = torch.searchsorted(cdf_B_V, x_B[:, None], right=True).squeeze(-1)
+    V = probs_B_V.shape[-1]
+    over_B = idx_B >= V
+    if bool(over_B.any()):  # u · total rounded up to total: take the last token that has any probability
+        last_B = V - 1 - (probs_B_V.flip(-1) > 0).int().argmax(dim=-1)
+        idx_B = torch.where(over_B, last_B, idx_B)
+    return idx_B
 
 
 def sample_tokens(
@@ -90,8 +99,7 @@ def sample_tokens(
         g = generators[i]
         assert g is not None, "a sampled (temperature > 0) row needs its generator"
         gens.append(g)
-    noise = draw_exponential(gens, logits_B_V.shape[-1], dev)
-    out_B[idx] = gumbel_argmax(filtered, noise)
+    out_B[idx] = inverse_cdf(filtered, draw_uniform(gens, dev))
     return out_B
 
 
